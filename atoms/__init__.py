@@ -1,0 +1,1 @@
+"""Atom Theory verification toolkit."""

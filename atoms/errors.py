@@ -1,0 +1,74 @@
+"""Errors the toolkit raises on bad input, and the checks that raise them.
+
+Every message names what is wrong and what to do about it: a researcher who feeds NaN activations or a
+singular moment should learn the fix from the message alone.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+__all__ = ["AtomsError", "BadInputError", "IllConditionedError", "as_float_tensor", "check_finite"]
+
+
+class AtomsError(ValueError):
+    """Base class of every input or numerics error raised by atoms."""
+
+
+class BadInputError(AtomsError):
+    """Wrong shape or dtype, NaN/Inf values, an empty batch, zero or duplicate atoms."""
+
+
+class IllConditionedError(AtomsError):
+    """A second moment or Gram matrix too close to singular for a Cholesky solve."""
+
+
+def check_finite(x: torch.Tensor, what: str) -> None:
+    """Raise BadInputError if `x` holds NaN or Inf, naming how many and where the first ones are."""
+    finite = torch.isfinite(x)
+    if bool(finite.all()):
+        return
+    bad = (~finite).nonzero()
+    first = [tuple(int(i) for i in row) for row in bad[:5]]
+    n_nan = int(torch.isnan(x).sum())
+    raise BadInputError(
+        f"{what} holds {bad.shape[0]} non-finite values ({n_nan} NaN, {bad.shape[0] - n_nan} Inf); first at "
+        f"indices {first}. Remove or repair those rows before passing them (for activations: check for "
+        "overflow in half precision and capture in float32)."
+    )
+
+
+def as_float_tensor(
+    x: torch.Tensor | np.ndarray,
+    what: str,
+    *,
+    ndim_min: int = 1,
+    d: int | None = None,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Convert `x` to a floating torch tensor and check dtype, dims, last dim `d`, non-emptiness, finiteness.
+
+    `dtype=None` keeps the tensor's floating dtype; otherwise the result is cast to `dtype`.
+    """
+    if isinstance(x, np.ndarray):
+        x = torch.from_numpy(x)
+    if not isinstance(x, torch.Tensor):
+        raise BadInputError(f"{what} must be a torch tensor or numpy array, got {type(x).__name__}.")
+    if not x.is_floating_point():
+        raise BadInputError(
+            f"{what} has dtype {x.dtype}; a floating dtype is required. Cast it first, e.g. `x.float()`."
+        )
+    if x.ndim < ndim_min:
+        raise BadInputError(f"{what} has shape {tuple(x.shape)}; it needs at least {ndim_min} dimension(s).")
+    if d is not None and x.shape[-1] != d:
+        raise BadInputError(
+            f"{what} has last dimension {x.shape[-1]} but {d} was expected (shape {tuple(x.shape)}). "
+            "Check that the activations, the AIP and the dictionary come from the same layer and model."
+        )
+    if x.numel() == 0:
+        raise BadInputError(f"{what} is empty (shape {tuple(x.shape)}); pass at least one vector.")
+    if dtype is not None:
+        x = x.to(dtype)
+    check_finite(x, what)
+    return x

@@ -1,0 +1,1 @@
+"""Fused Triton kernels with torch reference paths."""
