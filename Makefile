@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: install
-	$(BIN)/atoms run
+	$(BIN)/atoms geometry
 
 lint: install
 	$(BIN)/ruff check .

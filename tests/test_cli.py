@@ -1,0 +1,29 @@
+"""The `atoms` command line: help texts and the synthetic geometry summary."""
+
+from typer.testing import CliRunner
+
+from atoms.cli import app
+
+runner = CliRunner()
+
+
+def test_help_lists_commands():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    assert "geometry" in result.output
+    assert "Towards Atoms of Large Language Models" in result.output
+
+
+def test_geometry_prints_both_geometries_and_the_welch_bound():
+    result = runner.invoke(app, ["geometry", "--kind", "simplex", "--d", "8", "--samples", "2000"])
+    assert result.exit_code == 0, result.output
+    assert "Euclidean" in result.output and "AIP" in result.output
+    # The simplex in R^8 meets the Welch bound 1/8 exactly in the Euclidean geometry.
+    euclidean_row = next(line for line in result.output.splitlines() if "Euclidean" in line)
+    assert euclidean_row.count("0.1250") == 2
+
+
+def test_geometry_rejects_unknown_kind():
+    result = runner.invoke(app, ["geometry", "--kind", "cube"])
+    assert result.exit_code != 0
+    assert "unknown kind" in result.output
