@@ -1,0 +1,513 @@
+"""The theorems of SPEC section 4 as claims that can be checked on any instance.
+
+A claim has a premise and a conclusion, each evaluated on an `Instance` (unit-norm atoms, a sparsity K, and
+where the claim needs them planted codes and a threshold) with a margin: how far inside (> 0) or outside (< 0)
+the inequality the instance landed. One definition per theorem drives proofs_check/, `atoms verify` and the
+report.
+
+A conclusion is True (proved on this instance), False (refuted: the instance is a counterexample) or None
+(undecided: an exact value was too expensive and only bounds were found, or basis pursuit landed in the
+flagged band between 1e-5 and 1e-3 relative error). Only a False conclusion under a true premise refutes a
+theorem.
+
+Each theorem also has planted false variants (`FALSE_VARIANTS`): statements that look plausible but are
+wrong. A test suite that cannot refute them is too weak to trust when it passes the true ones.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from atoms.dictionary import Dictionary, welch_bound
+from atoms.errors import BadInputError
+from atoms.kernels.threshold_encoder import threshold_encode
+from atoms.recovery import basis_pursuit, erc
+from atoms.rip import rip_constant
+from atoms.spark import spark
+
+__all__ = ["CLAIMS", "FALSE_VARIANTS", "Claim", "Instance", "Verdict", "instance"]
+
+
+@dataclass(frozen=True)
+class Instance:
+    """What a claim is checked on.
+
+    dictionary: the atoms, unit-normalised (under the AIP when it was built with one).
+    k: the sparsity K the claim speaks about.
+    codes: (n_samples, n_atoms) float64 planted K-sparse codes on `dictionary.unit`, or None.
+    threshold: the TSAE threshold tau, or None.
+    dmin, dmax: the range of the non-zero code magnitudes (TSAE identifiability), or None.
+    label: where the instance came from, for tables and counterexample printouts.
+    """
+
+    dictionary: Dictionary
+    k: int
+    codes: torch.Tensor | None = None
+    threshold: float | None = None
+    dmin: float | None = None
+    dmax: float | None = None
+    label: str = ""
+
+    @property
+    def mu(self) -> float:
+        return self.dictionary.coherence()
+
+    def describe(self) -> str:
+        """One line that is enough to rebuild the instance by hand."""
+        parts = [
+            self.label or "instance",
+            f"n_atoms={self.dictionary.n_atoms}",
+            f"d={self.dictionary.d}",
+            f"K={self.k}",
+            f"mu={self.mu:.6g}",
+        ]
+        if self.codes is not None:
+            parts.append(f"samples={self.codes.shape[0]}")
+        if self.threshold is not None:
+            parts.append(f"tau={self.threshold:.6g} in [dmin={self.dmin:.6g}, dmax={self.dmax:.6g}]")
+        return ", ".join(parts)
+
+
+def instance(
+    atoms: torch.Tensor | Dictionary,
+    k: int,
+    *,
+    codes: torch.Tensor | None = None,
+    threshold: float | None = None,
+    dmin: float | None = None,
+    dmax: float | None = None,
+    label: str = "",
+) -> Instance:
+    """Build an Instance from atoms (n_atoms, d) (or a Dictionary), checking K and the codes' shape."""
+    dic = atoms if isinstance(atoms, Dictionary) else Dictionary(atoms)
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= dic.n_atoms:
+        raise BadInputError(f"k must be an int in [1, n_atoms = {dic.n_atoms}], got {k!r}.")
+    if codes is not None:
+        codes = torch.as_tensor(codes, dtype=torch.float64)
+        if codes.ndim != 2 or codes.shape[1] != dic.n_atoms or codes.shape[0] == 0:
+            raise BadInputError(
+                f"codes must be (n_samples >= 1, n_atoms = {dic.n_atoms}), got {tuple(codes.shape)}."
+            )
+    return Instance(dic, k, codes, threshold, dmin, dmax, label)
+
+
+class Verdict(NamedTuple):
+    """A claim's outcome on one instance.
+
+    premise / conclusion: True, False, or None (conclusion undecided). The margins are > 0 inside the
+    inequality and < 0 outside it, in the inequality's own units. `evidence` says how the conclusion was
+    decided (exact value, bound, solver errors) and, for a counterexample, what the counterexample is.
+    """
+
+    premise: bool
+    premise_margin: float
+    conclusion: bool | None
+    conclusion_margin: float
+    evidence: str
+
+    @property
+    def counterexample(self) -> bool:
+        """The premise holds and the conclusion is refuted."""
+        return self.premise and self.conclusion is False
+
+
+Outcome = tuple[bool | None, float, str]
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A theorem, or a planted false variant of one, as premise => conclusion on an Instance.
+
+    premise(inst) -> margin (> 0 iff the premise holds); conclusion(inst) -> (held, margin, evidence).
+    needs: the Instance fields the claim reads besides the dictionary and K.
+    """
+
+    name: str
+    theorem: str
+    statement: str
+    premise: Callable[[Instance], float]
+    conclusion: Callable[[Instance], Outcome]
+    needs: tuple[str, ...] = ()
+    source: str = ""
+    planted_false: bool = False
+
+    def check(self, inst: Instance) -> Verdict:
+        """Evaluate premise and conclusion on `inst` (the conclusion even when the premise fails: the report
+        shows how often the conclusion holds without the premise, i.e. how conservative the premise is)."""
+        missing = [f for f in self.needs if getattr(inst, f) is None]
+        if missing:
+            raise BadInputError(
+                f"claim {self.name!r} needs {missing} on its instance; build it with "
+                f"atoms.theorems.instance(..., {', '.join(f + '=...' for f in missing)})."
+            )
+        margin = float(self.premise(inst))
+        held, c_margin, evidence = self.conclusion(inst)
+        return Verdict(margin > 0, margin, held, float(c_margin), evidence)
+
+
+# ---- premises ----
+
+
+def _always(inst: Instance) -> float:
+    """A premise that every instance satisfies (unit-norm atoms are guaranteed by Dictionary)."""
+    return math.inf
+
+
+def _coherence_uniqueness(inst: Instance, factor: float = 2.0) -> float:
+    """mu < 1 / (factor K - 1), written as the margin 1 / (factor K - 1) - mu. factor = 2 is the theorem."""
+    return 1.0 / (factor * inst.k - 1.0) - inst.mu
+
+
+def _coherence_sparsity(inst: Instance, factor: float = 0.5) -> float:
+    """K < factor (1 + 1/mu), as the margin factor (1 + 1/mu) - K; factor 1/2 is the l1-recovery theorem."""
+    if inst.mu == 0:
+        return math.inf
+    return factor * (1.0 + 1.0 / inst.mu) - inst.k
+
+
+def _supports(codes: torch.Tensor) -> list[torch.Tensor]:
+    return [row.nonzero().flatten() for row in codes]
+
+
+def _erc_premise(inst: Instance, limit: float = 1.0) -> float:
+    """max over the codes' supports of ERC(L) < limit, as limit - max ERC. limit = 1 is Tropp's condition."""
+    supports = _supports(inst.codes)
+    if any(s.numel() >= inst.dictionary.d for s in supports):
+        # d or more atoms on a support leave no room for an off-support atom outside their span.
+        return -math.inf
+    return limit - max(erc(inst.dictionary.unit, s) for s in supports)
+
+
+def _rip_recovery_premise(inst: Instance, limit: float = 1.0 / math.sqrt(2.0)) -> float:
+    """delta_2K < limit; only an exact delta_2K can satisfy it (a lower bound cannot prove the premise)."""
+    two_k = 2 * inst.k
+    if two_k > inst.dictionary.n_atoms:
+        return -math.inf
+    rip = rip_constant(inst.dictionary, two_k)
+    if rip.kind != "exact":
+        return -math.inf
+    return limit - rip.value
+
+
+def _tsae_window(inst: Instance, lower: bool = True, upper: bool = True) -> float:
+    """eps K dmax < tau < dmin - eps (K - 1) dmax, as the smaller of the two slacks (eps = coherence)."""
+    eps, k, tau = inst.mu, inst.k, inst.threshold
+    slacks = []
+    if lower:
+        slacks.append(tau - eps * k * inst.dmax)
+    if upper:
+        slacks.append(inst.dmin - eps * (k - 1) * inst.dmax - tau)
+    return min(slacks)
+
+
+# ---- conclusions ----
+
+
+def _welch(inst: Instance, factor: float = 1.0) -> Outcome:
+    dic = inst.dictionary
+    bound = factor * welch_bound(dic.n_atoms, dic.d)
+    margin = inst.mu - bound
+    # Coherence is exact (a float64 reduction); allow rounding at ETFs, where mu equals the bound.
+    held = margin >= -1e-12
+    return held, margin, f"mu = {inst.mu:.12g}, bound = {bound:.12g}"
+
+
+def _rip_bound(inst: Instance, bound: Callable[[Instance], float], name: str) -> Outcome:
+    rip = rip_constant(inst.dictionary, inst.k)
+    b = bound(inst)
+    margin = b - rip.value
+    evidence = f"delta_K {rip.kind} = {rip.value:.9g} on support {rip.support}, {name} = {b:.9g}"
+    if margin < -1e-12:
+        return False, margin, evidence
+    return (True if rip.kind == "exact" else None), margin, evidence
+
+
+def _gershgorin(inst: Instance, offset: int = 1) -> float:
+    return (inst.k - offset) * inst.mu
+
+
+def _babel(inst: Instance, offset: int = 1) -> float:
+    j = inst.k - offset
+    return 0.0 if j <= 0 else inst.dictionary.babel(j)
+
+
+def _exact_spark(inst: Instance) -> tuple[float | None, float, float, str]:
+    result = spark(inst.dictionary, time_limit=30.0)
+    evidence = f"spark {result.kind} ({result.method}) in [{result.lower:g}, {result.upper:g}]"
+    if result.support is not None:
+        evidence += f", dependent atoms {result.support}"
+    return result.value, result.lower, result.upper, evidence
+
+
+def _spark_bound(inst: Instance, factor: float = 1.0) -> Outcome:
+    bound = 1.0 + factor / inst.mu if inst.mu > 0 else math.inf
+    value, lower, upper, evidence = _exact_spark(inst)
+    evidence += f", 1 + {factor:g}/mu = {bound:.9g}"
+    if upper < bound - 1e-9:
+        return False, upper - bound, evidence
+    if value is None:
+        return (True if lower >= bound - 1e-9 else None), lower - bound, evidence
+    return True, value - bound, evidence
+
+
+def _unique_sparsest(inst: Instance) -> Outcome:
+    """Every K-sparse representation is the unique sparsest one, which holds iff 2K < spark (Donoho-Elad)."""
+    _, lower, upper, evidence = _exact_spark(inst)
+    two_k = 2 * inst.k
+    if upper <= two_k:
+        # A dependent set of spark <= 2K atoms splits into two codes of at most K atoms with equal images.
+        return False, upper - two_k - 0.5, evidence + f"; 2K = {two_k}: two K-sparse codes share an image"
+    if lower > two_k:
+        return True, lower - two_k - 0.5, evidence
+    return None, lower - two_k - 0.5, evidence
+
+
+# Success policy of SPEC section 7: relative code error under 1e-5 is recovered, over 1e-3 failed.
+_RECOVERED, _FAILED = 1e-5, 1e-3
+
+
+def _l1_recovers(inst: Instance, nonneg: bool = False) -> Outcome:
+    """Basis pursuit (the cvxpy reference) recovers every planted code exactly.
+
+    The margin is in decades: log10(1e-5 / worst relative error), > 0 when every code is recovered."""
+    unit = inst.dictionary.unit
+    result = basis_pursuit(unit, inst.codes @ unit, nonneg=nonneg, solver="cvxpy", true_codes=inst.codes)
+    worst = float(result.errors.max())
+    margin = math.log10(_RECOVERED / max(worst, 1e-300))
+    evidence = f"basis pursuit: {result.counts}, worst relative error {worst:.3g}"
+    if result.counts["failed"]:
+        i = result.decisions.index("failed")
+        support = inst.codes[i].nonzero().flatten().tolist()
+        evidence += f"; sample {i} on support {support} ({result.reasons[i]})"
+        return False, margin, evidence
+    if result.counts["flagged"]:
+        return None, margin, evidence
+    return True, margin, evidence
+
+
+def _tsae_supports(inst: Instance) -> Outcome:
+    """The threshold encoder with W_enc = whitened atoms transposed recovers every support exactly.
+
+    Margin: the smallest gap between a code's pre-activation and tau, over on-support (z - tau) and
+    off-support (tau - z) entries, in code units."""
+    unit = inst.dictionary.unit
+    m = inst.codes @ unit
+    n_atoms = unit.shape[0]
+    tau = torch.full((n_atoms,), float(inst.threshold), dtype=torch.float64)
+    encoded = threshold_encode(m, unit.T.contiguous(), torch.zeros(n_atoms, dtype=torch.float64), tau)
+    true_support, found = inst.codes != 0, encoded != 0
+    z = m @ unit.T
+    gaps = torch.where(true_support, z - tau, tau - z)
+    margin = float(gaps.min())
+    wrong = (true_support != found).any(dim=1).nonzero().flatten()
+    if wrong.numel():
+        i = int(wrong[0])
+        true_i, found_i = true_support[i].nonzero().flatten().tolist(), found[i].nonzero().flatten().tolist()
+        evidence = (
+            f"{wrong.numel()} of {m.shape[0]} supports wrong; sample {i}: true {true_i}, encoded {found_i}"
+        )
+        return False, margin, evidence
+    return True, margin, f"all {m.shape[0]} supports recovered, smallest gap to tau {margin:.3g}"
+
+
+def _tsae_refit(inst: Instance) -> Outcome:
+    """Least squares on the encoder's support reconstructs m exactly (the paper's 'exact reconstruction').
+
+    Margin in decades: log10(1e-10 / worst relative residual)."""
+    unit = inst.dictionary.unit
+    m = inst.codes @ unit
+    n_atoms = unit.shape[0]
+    tau = torch.full((n_atoms,), float(inst.threshold), dtype=torch.float64)
+    encoded = threshold_encode(m, unit.T.contiguous(), torch.zeros(n_atoms, dtype=torch.float64), tau)
+    worst = 0.0
+    for row, target in zip(encoded, m, strict=True):
+        support = row.nonzero().flatten()
+        if support.numel() == 0:
+            worst = max(worst, 1.0)
+            continue
+        coef = torch.linalg.lstsq(unit[support].T, target[:, None]).solution[:, 0]
+        worst = max(worst, float(torch.linalg.vector_norm(coef @ unit[support] - target) / target.norm()))
+    margin = math.log10(1e-10 / max(worst, 1e-300))
+    return worst < 1e-10, margin, f"worst relative residual after refit {worst:.3g}"
+
+
+def _tsae_code_error(inst: Instance, factor: float = 1.0) -> Outcome:
+    """Raw codes (no refit) are off by at most eps (K - 1) dmax per entry on the support (times `factor`)."""
+    unit = inst.dictionary.unit
+    z = inst.codes @ unit @ unit.T
+    on = inst.codes != 0
+    error = float((z - inst.codes).abs()[on].max())
+    bound = factor * inst.mu * (inst.k - 1) * inst.dmax
+    margin = bound - error
+    return (
+        margin >= -1e-12,
+        margin,
+        f"max raw code error {error:.6g}, bound eps (K-1) dmax x {factor:g} = {bound:.6g}",
+    )
+
+
+# ---- the claims ----
+
+CLAIMS: tuple[Claim, ...] = (
+    Claim(
+        "welch",
+        "3 (coherence)",
+        "mu >= sqrt((N - d) / (d (N - 1))) for N unit atoms in R^d",
+        _always,
+        _welch,
+        source="Welch 1974",
+    ),
+    Claim(
+        "rip_gershgorin",
+        "1 (RIP)",
+        "delta_K <= (K - 1) mu",
+        _always,
+        lambda inst: _rip_bound(inst, _gershgorin, "(K-1) mu"),
+        source="Gershgorin; SPEC 4.1",
+    ),
+    Claim(
+        "rip_babel",
+        "1 (RIP)",
+        "delta_K <= mu1(K - 1)",
+        _always,
+        lambda inst: _rip_bound(inst, _babel, "mu1(K-1)"),
+        source="Tropp 2004; SPEC 4.1",
+    ),
+    Claim(
+        "spark_coherence",
+        "2 (uniqueness)",
+        "spark(D) >= 1 + 1/mu",
+        _always,
+        _spark_bound,
+        source="Donoho-Elad 2003",
+    ),
+    Claim(
+        "uniqueness_coherence",
+        "2 (uniqueness)",
+        "mu < 1/(2K - 1)  =>  every K-sparse code is the unique sparsest representation (2K < spark)",
+        _coherence_uniqueness,
+        _unique_sparsest,
+        source="Donoho-Elad 2003; SPEC 4.2",
+    ),
+    Claim(
+        "l1_coherence",
+        "3 (exact l1 recovery)",
+        "K < (1 + 1/mu)/2  =>  basis pursuit recovers every K-sparse code",
+        _coherence_sparsity,
+        _l1_recovers,
+        needs=("codes",),
+        source="Donoho-Elad 2003, Gribonval-Nielsen 2003",
+    ),
+    Claim(
+        "l1_erc",
+        "3 (exact l1 recovery)",
+        "ERC(L) < 1 on the support  =>  basis pursuit recovers the code",
+        _erc_premise,
+        _l1_recovers,
+        needs=("codes",),
+        source="Tropp 2004",
+    ),
+    Claim(
+        "l1_rip",
+        "3 (exact l1 recovery)",
+        "delta_2K < 1/sqrt(2)  =>  basis pursuit recovers every K-sparse code",
+        _rip_recovery_premise,
+        _l1_recovers,
+        needs=("codes",),
+        source="Cai-Zhang 2014",
+    ),
+    Claim(
+        "tsae_support",
+        "4 (TSAE identifiability)",
+        "eps K dmax < tau < dmin - eps (K-1) dmax  =>  the threshold encoder recovers every support",
+        _tsae_window,
+        _tsae_supports,
+        needs=("codes", "threshold", "dmin", "dmax"),
+        source="SPEC 4.4",
+    ),
+    Claim(
+        "tsae_refit",
+        "4 (TSAE identifiability)",
+        "inside the window, least squares on the encoded support reconstructs m exactly",
+        _tsae_window,
+        _tsae_refit,
+        needs=("codes", "threshold", "dmin", "dmax"),
+        source="SPEC 4.4 (the paper's exact reconstruction, after a refit)",
+    ),
+    Claim(
+        "tsae_code_error",
+        "4 (TSAE identifiability)",
+        "raw encoder codes are within eps (K-1) dmax of the true codes on the support",
+        _always,
+        _tsae_code_error,
+        needs=("codes", "dmax"),
+        source="SPEC 4.4 (the O(eps K dmax) raw error)",
+    ),
+)
+
+FALSE_VARIANTS: tuple[Claim, ...] = (
+    Claim(
+        "false_welch_strict",
+        "3 (coherence)",
+        "mu >= 1.01 x the Welch bound (false: equiangular tight frames meet the bound)",
+        _always,
+        lambda inst: _welch(inst, factor=1.01),
+        planted_false=True,
+    ),
+    Claim(
+        "false_rip_gershgorin",
+        "1 (RIP)",
+        "delta_K <= (K - 2) mu (false: Gershgorin is tight)",
+        _always,
+        lambda inst: _rip_bound(inst, lambda i: _gershgorin(i, offset=2), "(K-2) mu"),
+        planted_false=True,
+    ),
+    Claim(
+        "false_spark_coherence",
+        "2 (uniqueness)",
+        "spark(D) >= 1 + 2/mu (false: the simplex has spark d + 1 = 1 + 1/mu)",
+        _always,
+        lambda inst: _spark_bound(inst, factor=2.0),
+        planted_false=True,
+    ),
+    Claim(
+        "false_uniqueness",
+        "2 (uniqueness)",
+        "mu < 1/K  =>  every K-sparse code is the unique sparsest representation",
+        lambda inst: 1.0 / inst.k - inst.mu,
+        _unique_sparsest,
+        planted_false=True,
+    ),
+    Claim(
+        "false_l1_twice",
+        "3 (exact l1 recovery)",
+        "K < 1 + 1/mu (twice the coherence bound)  =>  basis pursuit recovers every K-sparse code",
+        lambda inst: _coherence_sparsity(inst, factor=1.0),
+        _l1_recovers,
+        needs=("codes",),
+        planted_false=True,
+    ),
+    Claim(
+        "false_tsae_low_threshold",
+        "4 (TSAE identifiability)",
+        "tau < dmin - eps (K-1) dmax alone (no lower end of the window)  =>  supports recovered",
+        lambda inst: _tsae_window(inst, lower=False),
+        _tsae_supports,
+        needs=("codes", "threshold", "dmin", "dmax"),
+        planted_false=True,
+    ),
+    Claim(
+        "false_tsae_exact_raw",
+        "4 (TSAE identifiability)",
+        "raw encoder codes equal the true codes (exact reconstruction without a refit)",
+        _always,
+        lambda inst: _tsae_code_error(inst, factor=1e-9),
+        needs=("codes", "dmax"),
+        planted_false=True,
+    ),
+)

@@ -1,0 +1,168 @@
+"""Per-call choice between the Triton kernels, Triton's interpreter and the torch reference.
+
+`backend(*tensors)` decides from the tensors' device and the environment variable ``ATOMS_KERNELS``, read on
+every call (never at import):
+
+- unset or ``auto``: CUDA tensors run the Triton kernels, CPU tensors the torch reference;
+- ``torch``: the torch reference everywhere;
+- ``interpret``: the Triton kernels through Triton's CPU interpreter (how tests check kernels without a GPU).
+
+How Triton 3.9.0 handles its interpreter, and why `launch` does not just set ``TRITON_INTERPRET=1``: the flag
+is read when ``@triton.jit`` *decorates* a function (``triton.runtime.jit.jit`` returns an
+``InterpretedFunction`` instead of a ``JITFunction``), and that happens at import time for our kernels and,
+worse, for the jit-defined parts of ``triton.language`` itself (``tl.zeros``, ``tl.sum``, ``tl.max``,
+``tl.cdiv`` ... in ``triton/language/standard.py``). Launching is not affected by the flag. So setting
+``TRITON_INTERPRET=1`` before a call does nothing, and setting it before ``import triton`` makes every kernel
+in the process interpret-only (the ahead-of-time compilation tests could then not run in the same process).
+`launch` instead builds the interpreted twin of the kernel per call (``InterpretedFunction(kernel.fn)``,
+cached) and, for the duration of the run only, swaps every ``JITFunction`` attribute of the
+``triton.language`` modules and of the kernel's own module (its jit helpers) for its interpreted twin, with
+``knobs.runtime.interpret`` set inside ``knobs.runtime.scope()``; afterwards everything is put back (the
+interpreter's own per-launch patching of ``tl.core`` is not fully undone by Triton, so the restore covers
+every attribute that existed before). Checked here: after an interpreted launch, ``triton.compile`` of the
+same kernel for sm_80/sm_90 still works. A lock serialises interpreted runs because they patch module state.
+"""
+
+import os
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, Literal
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    HAS_TRITON = True
+except ImportError:  # Triton ships Linux wheels only; elsewhere every call takes the torch reference.
+    HAS_TRITON = False
+
+    class _NoTriton:
+        """Stands in for `triton` and `triton.language` so kernel modules still import (kernels never run)."""
+
+        constexpr = object
+
+        @staticmethod
+        def jit(fn):
+            return fn
+
+    triton = tl = _NoTriton()
+
+__all__ = ["HAS_TRITON", "Backend", "backend", "dot_in_fp32", "launch", "tl", "triton"]
+
+Backend = Literal["triton", "interpret", "torch"]
+_MODES = ("auto", "torch", "interpret")
+
+
+def backend(*tensors: torch.Tensor | None) -> Backend:
+    """Which implementation runs for these tensors (``None`` entries are ignored), decided on every call.
+
+    Raises ValueError for an unknown ``ATOMS_KERNELS`` value, tensors on different devices, or
+    ``ATOMS_KERNELS=interpret`` without Triton installed.
+    """
+    mode = os.environ.get("ATOMS_KERNELS", "auto").strip().lower() or "auto"
+    if mode not in _MODES:
+        raise ValueError(
+            f"ATOMS_KERNELS={mode!r} is not a known kernel backend; set it to one of {_MODES} or unset it "
+            "(auto: Triton on CUDA tensors, the torch reference on CPU)."
+        )
+    devices = {t.device for t in tensors if t is not None}
+    if len(devices) > 1:
+        raise ValueError(
+            f"tensors are on different devices {sorted(str(d) for d in devices)}; move them to one device "
+            "(e.g. `.to(x.device)`) before calling the kernel."
+        )
+    if mode == "torch":
+        return "torch"
+    if mode == "interpret":
+        if not HAS_TRITON:
+            raise ValueError(
+                "ATOMS_KERNELS=interpret needs Triton, which is not installed; `pip install triton` (Linux) "
+                "or unset ATOMS_KERNELS to use the torch reference."
+            )
+        return "interpret"
+    if HAS_TRITON and any(d.type == "cuda" for d in devices):
+        return "triton"
+    return "torch"
+
+
+def dot_in_fp32(mode: Backend, dtype: torch.dtype) -> bool:
+    """Whether a kernel must upcast its `tl.dot` operands to fp32.
+
+    Under Triton 3.9.0's interpreter `tl.dot` on bf16 operands multiplies their raw uint16 bit patterns
+    (upstream triton issue 11584); fp16 is fine (numpy has float16). Compiled kernels keep bf16 tensor-core
+    dots.
+    """
+    return mode == "interpret" and dtype == torch.bfloat16
+
+
+def launch(kernel: Any, grid: tuple[int, ...], mode: Backend, *args: Any, **meta: Any) -> None:
+    """Run a ``@triton.jit`` kernel on `grid`: compiled for mode "triton", interpreted for "interpret"."""
+    if mode == "triton":
+        kernel[grid](*args, **meta)
+        return
+    if mode != "interpret":
+        raise ValueError(
+            f"launch() runs Triton kernels only, got backend {mode!r}; call the torch reference."
+        )
+    with _interpreting(kernel):
+        _interpreted(kernel)[grid](*args, **meta)
+
+
+_LOCK = threading.RLock()
+_MISSING = object()
+# id(JITFunction) -> (JITFunction, InterpretedFunction); keyed by id because hashing a JITFunction computes
+# its cache key, which walks the very globals being patched.
+_TWINS: dict[int, tuple[Any, Any]] = {}
+
+
+def _interpreted(fn: Any) -> Any:
+    if isinstance(fn, InterpretedFunction):  # TRITON_INTERPRET=1 was set before import: already interpreted
+        return fn
+    if id(fn) not in _TWINS:
+        _TWINS[id(fn)] = (fn, InterpretedFunction(fn.fn))
+    return _TWINS[id(fn)][1]
+
+
+def _member(twin: Any) -> Any:
+    # An InterpretedFunction is not a descriptor, so `x.sum(0)` needs a plain function to bind `x` as self.
+    def method(*args: Any, **kwargs: Any) -> Any:
+        return twin(*args, **kwargs)
+
+    return method
+
+
+def _namespaces(kernel: Any) -> list[Any]:
+    # triton.language, plus the kernel's own module so that jit helper functions it calls are interpreted too.
+    modules = [m for name, m in list(sys.modules.items()) if name.split(".")[:2] == ["triton", "language"]]
+    own = sys.modules.get(kernel.fn.__module__)
+    return [*modules, tl.tensor, tl.dtype, *([own] if own is not None else [])]
+
+
+@contextmanager
+def _interpreting(kernel: Any) -> Iterator[None]:
+    with _LOCK, triton.knobs.runtime.scope():
+        triton.knobs.runtime.interpret = True
+        saved = [(ns, dict(vars(ns))) for ns in _namespaces(kernel)]
+        try:
+            for ns, attrs in saved:
+                for name, value in attrs.items():
+                    if isinstance(value, JITFunction):
+                        setattr(
+                            ns,
+                            name,
+                            _member(_interpreted(value)) if isinstance(ns, type) else _interpreted(value),
+                        )
+            yield
+        finally:
+            # Names the interpreter adds to module globals stay: its cached rewritten functions look them up.
+            for ns, attrs in saved:
+                current = vars(ns)
+                for name, value in attrs.items():
+                    if current.get(name, _MISSING) is not value:
+                        setattr(ns, name, value)
