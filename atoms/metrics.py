@@ -108,8 +108,9 @@ class R2Accumulator:
 
     def update(self, x: Array, x_hat: Array) -> R2Accumulator:
         """Add activations x (n, d) or (..., d) and reconstructions x_hat of the same shape; returns self."""
-        x = as_float_tensor(x, "x", ndim_min=2, d=self.d, dtype=torch.float64)
-        x_hat = as_float_tensor(x_hat, "x_hat", ndim_min=2, d=x.shape[-1], dtype=torch.float64)
+        # A statistic, not a loss: detach so that a model's output can be passed straight in.
+        x = as_float_tensor(x, "x", ndim_min=2, d=self.d, dtype=torch.float64).detach()
+        x_hat = as_float_tensor(x_hat, "x_hat", ndim_min=2, d=x.shape[-1], dtype=torch.float64).detach()
         if x.shape != x_hat.shape:
             raise BadInputError(
                 f"x has shape {tuple(x.shape)} but x_hat {tuple(x_hat.shape)}; pass one reconstruction per "
