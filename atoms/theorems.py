@@ -24,7 +24,7 @@ from typing import NamedTuple
 import torch
 
 from atoms.dictionary import Dictionary, welch_bound
-from atoms.errors import BadInputError
+from atoms.errors import BadInputError, IllConditionedError
 from atoms.kernels.threshold_encoder import threshold_encode
 from atoms.recovery import basis_pursuit, erc
 from atoms.rip import rip_constant
@@ -69,7 +69,7 @@ class Instance:
         if self.codes is not None:
             parts.append(f"samples={self.codes.shape[0]}")
         if self.threshold is not None:
-            parts.append(f"tau={self.threshold:.6g} in [dmin={self.dmin:.6g}, dmax={self.dmax:.6g}]")
+            parts.append(f"tau={self.threshold:.6g}, code magnitudes in [{self.dmin:.6g}, {self.dmax:.6g}]")
         return ", ".join(parts)
 
 
@@ -92,6 +92,24 @@ def instance(
         if codes.ndim != 2 or codes.shape[1] != dic.n_atoms or codes.shape[0] == 0:
             raise BadInputError(
                 f"codes must be (n_samples >= 1, n_atoms = {dic.n_atoms}), got {tuple(codes.shape)}."
+            )
+        # Every claim speaks of K-sparse codes: a denser code would be a counterexample to nothing.
+        dense = ((codes != 0).sum(dim=1) > k).nonzero().flatten()
+        if dense.numel():
+            raise BadInputError(
+                f"codes rows {dense[:10].tolist()} have more than k = {k} non-zeros; pass k >= the largest "
+                "support size, or sparser codes."
+            )
+    if dmin is not None and dmax is not None and not 0 < dmin <= dmax:
+        raise BadInputError(f"need 0 < dmin <= dmax, got dmin = {dmin!r}, dmax = {dmax!r}.")
+    if codes is not None and (dmin is not None or dmax is not None):
+        magnitudes = codes.abs()[codes != 0]
+        low = -math.inf if dmin is None else dmin
+        high = math.inf if dmax is None else dmax
+        if bool(((magnitudes < low) | (magnitudes > high)).any()):
+            raise BadInputError(
+                f"code magnitudes span [{float(magnitudes.min()):.6g}, {float(magnitudes.max()):.6g}], "
+                f"outside [dmin, dmax] = [{low:.6g}, {high:.6g}]; pass the range the codes were drawn from."
             )
     return Instance(dic, k, codes, threshold, dmin, dmax, label)
 
@@ -180,7 +198,15 @@ def _erc_premise(inst: Instance, limit: float = 1.0) -> float:
     if any(s.numel() >= inst.dictionary.d for s in supports):
         # d or more atoms on a support leave no room for an off-support atom outside their span.
         return -math.inf
-    return limit - max(erc(inst.dictionary.unit, s) for s in supports)
+    # A support holding every atom has no off-support atom: ERC is a maximum over an empty set, 0.
+    n_atoms = inst.dictionary.n_atoms
+    try:
+        worst = max(erc(inst.dictionary.unit, s) if s.numel() < n_atoms else 0.0 for s in supports)
+    except IllConditionedError:
+        # Linearly dependent atoms on a support (e.g. 4 atoms of the Steiner ETF (16, 6), whose spark is 4):
+        # Tropp's condition presumes independent atoms, so the premise fails.
+        return -math.inf
+    return limit - worst
 
 
 def _rip_recovery_premise(inst: Instance, limit: float = 1.0 / math.sqrt(2.0)) -> float:
@@ -195,7 +221,11 @@ def _rip_recovery_premise(inst: Instance, limit: float = 1.0 / math.sqrt(2.0)) -
 
 
 def _tsae_window(inst: Instance, lower: bool = True, upper: bool = True) -> float:
-    """eps K dmax < tau < dmin - eps (K - 1) dmax, as the smaller of the two slacks (eps = coherence)."""
+    """eps K dmax < tau < dmin - eps (K - 1) dmax, as the smaller of the two slacks (eps = coherence).
+
+    The theorem is about non-negative codes (a negative entry is zeroed by any threshold): -inf otherwise."""
+    if bool((inst.codes < 0).any()):
+        return -math.inf
     eps, k, tau = inst.mu, inst.k, inst.threshold
     slacks = []
     if lower:
