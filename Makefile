@@ -21,6 +21,7 @@ $(STAMP): pyproject.toml Makefile
 
 demo: install
 	$(BIN)/atoms geometry
+	$(BIN)/atoms verify
 
 lint: install
 	$(BIN)/ruff check .

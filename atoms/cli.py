@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import typer
 
 app = typer.Typer(
@@ -19,6 +22,50 @@ app = typer.Typer(
 @app.callback()
 def main() -> None:
     """Commands are listed below; each has its own --help."""
+
+
+@app.command()
+def verify(
+    claim: list[str] = typer.Option(
+        None, "--claim", help="Check only these claims (repeatable); default: all."
+    ),
+    budget: str = typer.Option("default", help="Search budget: 'default' (about a minute) or 'full'."),
+    false_variants: bool = typer.Option(
+        True, "--false-variants/--no-false-variants", help="Also run the planted false variants."
+    ),
+    json_path: Path = typer.Option(None, "--json", help="Also write the table as JSON to this path."),
+) -> None:
+    """Search for counterexamples to every theorem of SPEC section 4 on synthetic dictionaries.
+
+    One row per claim: instances tried, premise held, conclusion held, worst margin, and the smallest
+    counterexample found. Planted false variants must be refuted, or the search is too weak to trust.
+    Exit code 1: a true claim was violated under its premise (or a check failed); 2: a false variant was not
+    refuted or a premise never held; 0: all as the theory says.
+    """
+    from rich.console import Console
+
+    from atoms.verify import BUDGETS, counterexample_lines, to_json, verify_table
+
+    if budget not in BUDGETS:
+        raise typer.BadParameter(f"unknown budget {budget!r}; choose one of {', '.join(BUDGETS)}.")
+    console = Console() if Console().is_terminal else Console(width=150)
+    with console.status("searching for counterexamples ..."):
+        reports, table, code = verify_table(
+            claim or None,
+            budget,
+            false_variants,
+            lambda r: console.log(f"{r.name}: {r.status} ({r.tried} instances, {r.seconds:.1f} s)"),
+        )
+    console.print(table)
+    lines = counterexample_lines(reports)
+    if lines:
+        console.print("Smallest counterexamples found (planted false variants must have one):")
+        for line in lines:
+            console.print(f"- {line}", highlight=False)
+    if json_path is not None:
+        json_path.write_text(json.dumps(to_json(reports), indent=1))
+        console.print(f"wrote {json_path}")
+    raise typer.Exit(code)
 
 
 _KINDS = ("gaussian", "simplex", "steiner", "dirac-hadamard")

@@ -268,7 +268,7 @@ def _babel(inst: Instance, offset: int = 1) -> float:
 
 def _exact_spark(inst: Instance) -> tuple[float | None, float, float, str]:
     result = spark(inst.dictionary, time_limit=30.0)
-    evidence = f"spark {result.kind} ({result.method}) in [{result.lower:g}, {result.upper:g}]"
+    evidence = f"spark {result.kind} via {result.method}, in [{result.lower:g}, {result.upper:g}]"
     if result.support is not None:
         evidence += f", dependent atoms {result.support}"
     return result.value, result.lower, result.upper, evidence

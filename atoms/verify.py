@@ -405,15 +405,15 @@ _STYLE = {"held": "green", "REFUTED": "green", "VIOLATED": "bold red", "ERROR": 
 
 def render(reports: Sequence[ClaimReport]) -> Table:
     """A rich Table, one row per claim: instances tried, premise held, conclusion held, undecided, the
-    closest premise margin and the worst conclusion margin under a held premise, the status and the minimal
-    counterexample. Planted false variants are marked: they must be refuted."""
+    closest premise margin and the worst conclusion margin under a held premise, and the status. Planted false
+    variants are marked: they must be refuted. The counterexamples, too long for a cell, are listed by
+    `counterexample_lines`."""
     table = Table(title=f"Theorem checks ({reports[0].budget if reports else 'no'} budget)", show_lines=True)
     for column in ("claim", "theorem", "tried", "premise held", "conclusion held", "undecided"):
         table.add_column(column, justify="right" if column not in ("claim", "theorem") else "left")
     table.add_column("closest premise", justify="right")
     table.add_column("worst conclusion margin", justify="right")
     table.add_column("status")
-    table.add_column("counterexample", overflow="fold")
     for r in reports:
         name = Text(r.name)
         if r.planted_false:
@@ -431,9 +431,13 @@ def render(reports: Sequence[ClaimReport]) -> Table:
             _margin(r.worst_premise_margin),
             _margin(r.worst_conclusion_margin),
             Text(status, style=_STYLE.get(r.status, "yellow")),
-            r.error or r.counterexample or "",
         )
     return table
+
+
+def counterexample_lines(reports: Sequence[ClaimReport]) -> list[str]:
+    """One line per claim with a counterexample (the smallest found) or an error."""
+    return [f"{r.name}: {r.error or r.counterexample}" for r in reports if r.error or r.counterexample]
 
 
 def _json_float(value: float | None) -> float | str | None:

@@ -1,5 +1,7 @@
 """The `atoms` command line: help texts and the synthetic geometry summary."""
 
+import json
+
 from typer.testing import CliRunner
 
 from atoms.cli import app
@@ -27,3 +29,22 @@ def test_geometry_rejects_unknown_kind():
     result = runner.invoke(app, ["geometry", "--kind", "cube"])
     assert result.exit_code != 0
     assert "unknown kind" in result.output
+
+
+def test_verify_prints_table_counterexample_and_json(tmp_path):
+    out = tmp_path / "claims.json"
+    result = runner.invoke(
+        app, ["verify", "--claim", "welch", "--claim", "false_welch_strict", "--json", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    assert "welch" in result.output and "REFUTED" in result.output
+    assert "false_welch_strict: synth." in result.output  # the counterexample is printed
+    body = json.loads(out.read_text())
+    assert [c["name"] for c in body["claims"]] == ["welch", "false_welch_strict"]
+    assert body["exit_code"] == 0
+
+
+def test_verify_rejects_unknown_budget():
+    result = runner.invoke(app, ["verify", "--budget", "huge"])
+    assert result.exit_code != 0
+    assert "unknown budget" in result.output
