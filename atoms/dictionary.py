@@ -19,7 +19,7 @@ from atoms.errors import BadInputError, as_float_tensor
 from atoms.kernels.aip_gram import (
     GramStats,
     babel_reference,
-    gram_reduce_reference,
+    gram_reduce,
     near_duplicate_pairs_reference,
 )
 
@@ -135,7 +135,7 @@ class Dictionary:
 
     def _gram_stats(self) -> GramStats:
         if self._stats is None:
-            self._stats = gram_reduce_reference(self.unit, bins=_DEFAULT_BINS, tile=self.tile)
+            self._stats = gram_reduce(self.unit, bins=_DEFAULT_BINS, tile=self.tile)
         return self._stats
 
     def coherence(self) -> float:
@@ -174,9 +174,7 @@ class Dictionary:
         if bins < 1:
             raise BadInputError(f"bins must be >= 1, got {bins}.")
         stats = (
-            self._gram_stats()
-            if bins == _DEFAULT_BINS
-            else gram_reduce_reference(self.unit, bins=bins, tile=self.tile)
+            self._gram_stats() if bins == _DEFAULT_BINS else gram_reduce(self.unit, bins=bins, tile=self.tile)
         )
         return stats.histogram.clone(), stats.edges.clone()
 

@@ -6,17 +6,22 @@ ATOMS_KERNELS=torch forces the reference everywhere. This package is a leaf: it 
 `aot` (ahead-of-time compilation for sm_80/sm_90) is for tests and is not imported here.
 """
 
-from . import dispatch, support_gram, threshold_encoder
+from . import aip_gram, dispatch, support_gram, threshold_encoder
+from .aip_gram import GramStats, gram_reduce, gram_reduce_reference
 from .dispatch import backend
 from .support_gram import SupportCoherence, support_coherence, support_coherence_reference
 from .threshold_encoder import EncoderOutput, ThresholdEncoder, threshold_encode, threshold_encode_reference
 
 __all__ = [
     "EncoderOutput",
+    "GramStats",
     "SupportCoherence",
     "ThresholdEncoder",
+    "aip_gram",
     "backend",
     "dispatch",
+    "gram_reduce",
+    "gram_reduce_reference",
     "support_coherence",
     "support_coherence_reference",
     "support_gram",
