@@ -9,7 +9,7 @@ from atoms.dictionary import Dictionary, babel, coherence, welch_bound
 from atoms.errors import AtomsError, BadInputError, IllConditionedError
 from atoms.recovery import basis_pursuit
 from atoms.rip import rip_constant
-from atoms.spark import spark
+from atoms.uniqueness import spark
 
 __all__ = [
     "AIP",

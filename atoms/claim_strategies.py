@@ -68,7 +68,7 @@ class Sizes:
 
     max_atoms, max_d: dictionary shape bounds.  max_k: largest sparsity K.  max_samples: codes per instance.
     max_subsets: for claims that compute an exact spark, only shapes with at most this many subsets of
-    2..min(d, n_atoms) atoms are drawn (below 50,000, `atoms.spark` enumerates instead of running a MILP).
+    2..min(d, n_atoms) atoms are drawn (below 50,000, `atoms.uniqueness` enumerates instead of a MILP).
     steiner_max_atoms: largest Steiner ETF drawn (16, 28 or 64 atoms).
     """
 

@@ -33,7 +33,7 @@ from atoms.dictionary import Dictionary
 from atoms.errors import BadInputError, IllConditionedError, as_float_tensor
 from atoms.kernels.support_gram import support_coherence
 from atoms.recovery import RecoveryResult, basis_pursuit, erc, wilson_interval
-from atoms.spark import spark_lower_bounds
+from atoms.uniqueness import spark_lower_bounds
 
 __all__ = [
     "Certified",
@@ -498,7 +498,7 @@ def certified_fractions(
     dictionary: the atoms; codes are read as coefficients of `dictionary.unit` (see `unit_codes` and the
     module docstring: a TSAE's codes can be passed as they are). indices, values: sparse codes (n, k), -1
     padding. spark_lower: a proven lower bound on spark(dictionary.unit); None takes the larger of the
-    coherence and babel bounds of `atoms.spark.spark_lower_bounds` (a few babel evaluations, each a pass over
+    coherence and babel bounds of `uniqueness.spark_lower_bounds` (a few babel evaluations, each a pass over
     the Gram in tiles). erc_samples, bp_samples: sizes of the random subsamples (without replacement, the
     first rows of one permutation drawn from `seed`, so the BP rows are among the ERC rows when bp_samples
     <= erc_samples; all samples when n is smaller). bp_solver: "linprog" (HiGHS; measured faster than

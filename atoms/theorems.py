@@ -28,7 +28,7 @@ from atoms.errors import BadInputError, IllConditionedError
 from atoms.kernels.threshold_encoder import threshold_encode
 from atoms.recovery import basis_pursuit, erc
 from atoms.rip import rip_constant
-from atoms.spark import spark
+from atoms.uniqueness import spark
 
 __all__ = ["CLAIMS", "FALSE_VARIANTS", "Claim", "Instance", "Verdict", "instance"]
 

@@ -85,7 +85,7 @@ BUDGETS: dict[str, Budget] = {
         shrink_examples=150,
     ),
     # A release check: more instances, larger dictionaries, Steiner (28, 7), spark by enumeration of up to
-    # 50,000 subsets (the most atoms.spark enumerates before turning to its MILP). All 18 claims: ~8 min on
+    # 50,000 subsets (the most atoms.uniqueness enumerates before a MILP). All 18 claims: ~8 min on
     # 2 shared cores.
     "full": Budget(
         "full",

@@ -16,8 +16,8 @@ import pytest
 
 from atoms import synth
 from atoms.rip import rip_constant
-from atoms.spark import spark
 from atoms.theorems import instance
+from atoms.uniqueness import spark
 from atoms.verify import claim_named
 
 

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 
 from atoms.claim_strategies import Sizes, instances
-from atoms.spark import spark
+from atoms.uniqueness import spark
 from atoms.verify import claim_named
 
 # Small enough for the brute force below: at most a few thousand rank computations per instance.

@@ -15,7 +15,7 @@ from scipy.linalg import hadamard
 from atoms import synth
 from atoms.errors import BadInputError
 from atoms.rip import rip_constant
-from atoms.spark import spark, spark_lower_bounds
+from atoms.uniqueness import spark, spark_lower_bounds
 
 
 def unit_rows(W: np.ndarray) -> np.ndarray:
