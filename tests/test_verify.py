@@ -18,6 +18,7 @@ from atoms.verify import (
     Budget,
     ClaimReport,
     claim_named,
+    counterexample_lines,
     exit_code,
     render,
     run_claim,
@@ -221,6 +222,8 @@ def test_render_marks_planted_false_variants():
         "worst conclusion margin",
     ):
         assert needle in text, needle
+    # Counterexamples are too long for a cell: they are listed beside the table.
+    assert counterexample_lines(rows) == ["true_broken: simplex d=2", "false_refuted: ce"]
 
 
 def test_unknown_names_and_budgets_are_rejected():
