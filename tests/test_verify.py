@@ -215,7 +215,6 @@ def test_render_marks_planted_false_variants():
         "REFUTED (good)",
         "NOT REFUTED (the suite is too weak)",
         "VIOLATED",
-        "simplex d=2",
         "premise held",
         "conclusion held",
         "undecided",
