@@ -136,6 +136,11 @@ class Verdict(NamedTuple):
 
 Outcome = tuple[bool | None, float, str]
 
+# A strict premise that holds by less than this is within float64 rounding of its boundary and is not taken
+# as held: ERC of [I; H_4/2] on atoms {3, 7} is 1 in exact arithmetic, computes just under it, and the dual
+# certificate it promises then fails by 2e-16 (found by proofs_check). Strategies draw >= 1e-9 from edges.
+PREMISE_TOLERANCE = 1e-12
+
 
 @dataclass(frozen=True)
 class Claim:
@@ -165,7 +170,7 @@ class Claim:
             )
         margin = float(self.premise(inst))
         held, c_margin, evidence = self.conclusion(inst)
-        return Verdict(margin > 0, margin, held, float(c_margin), evidence)
+        return Verdict(margin > PREMISE_TOLERANCE, margin, held, float(c_margin), evidence)
 
 
 # ---- premises ----
