@@ -48,21 +48,27 @@ def run(
     features (ReLU SAE), atoms (TSAE under the AIP): R^2 in both norms, l0, q*, certified fractions; the
     theorems' premises on the trained dictionaries; atom cards. An interrupted run resumes from its output.
     """
+    from atoms.errors import AtomsError
     from atoms.experiment import run_command
 
-    run_command(
-        model=model,
-        layers=layers,
-        tokens=tokens,
-        n_atoms=n_atoms,
-        text=text or None,
-        output=output,
-        device=device,
-        seed=seed,
-        quick=quick,
-        sweep=sweep,
-        threads=threads,
-    )
+    try:
+        run_command(
+            model=model,
+            layers=layers,
+            tokens=tokens,
+            n_atoms=n_atoms,
+            text=text or None,
+            output=output,
+            device=device,
+            seed=seed,
+            quick=quick,
+            sweep=sweep,
+            threads=threads,
+        )
+    except AtomsError as error:
+        # Bad flags or inputs: the message already says what is wrong and what to do; no traceback.
+        typer.echo(f"atoms run: {error}", err=True)
+        raise typer.Exit(2) from error
 
 
 @app.command()

@@ -338,13 +338,14 @@ def _mean(results: dict[str, Any], get: Callable[[dict[str, Any]], float]) -> fl
     return sum(values) / len(values)
 
 
-def _still_falling(results: dict[str, Any], kind: str) -> bool:
-    """Whether the reconstruction loss of the last quarter of training still fell by more than 3%."""
+def _still_falling(results: dict[str, Any], kind: str) -> list[str]:
+    """Layers whose reconstruction loss still fell by more than 3% over the last quarter of training."""
     falling = []
-    for lay in results["layers"].values():
+    for key, lay in results["layers"].items():
         curve = lay["dictionaries"][kind]["training"]["curve"]["recon_loss"]
-        falling.append(curve[-1] < 0.97 * curve[(3 * len(curve)) // 4])
-    return any(falling)
+        if curve[-1] < 0.97 * curve[(3 * len(curve)) // 4]:
+            falling.append(key)
+    return falling
 
 
 def shift_sentences(results: dict[str, Any]) -> list[str]:
@@ -412,20 +413,24 @@ def differences(results: dict[str, Any]) -> list[str]:
 
     a = s["atoms"]
     if max(abs(a["r2_euclidean"] - p["atoms"]["r2"]), abs(a["r2_aip"] - p["atoms"]["r2"])) > AGREEMENT:
-        trend = (
-            "their reconstruction loss was still falling when training stopped"
-            if _still_falling(results, "atoms")
-            else "their reconstruction loss had flattened by the end"
-        )
+        falling = _still_falling(results, "atoms")
+        if not falling:
+            trend = "Their reconstruction loss had flattened by the end, at a level this short schedule sets."
+        elif len(falling) == len(results["layers"]):
+            trend = "Their reconstruction loss was still falling when training stopped."
+        else:
+            trend = (
+                f"Their reconstruction loss was still falling at layer(s) {', '.join(falling)} and had "
+                "flattened at the others, at a level this short schedule sets."
+            )
         out.append(
             f"Atoms: our TSAEs explain {pct(a['r2_euclidean'])} of the held-out variance in the Euclidean "
             f"norm and {pct(a['r2_aip'])} in the AIP norm, against the paper's {pct(p['atoms']['r2'])}. "
-            "Each saw "
-            f"{train['tokens_seen']} training vectors ({num(train['epochs'], 1)} passes over "
+            f"Each saw {train['tokens_seen']} training vectors ({num(train['epochs'], 1)} passes over "
             f"{results['text']['fit_tokens']} tokens in {train['steps']} steps), orders of magnitude fewer "
-            f"than SAEs are usually trained on, and {trend}. The gap says these TSAEs are under-trained at "
-            "this budget; it is no evidence against the paper either way. A longer run (--tokens, more "
-            "steps) or --sweep shows how R^2 moves with capacity and data."
+            f"than SAEs are usually trained on. {trend} The gap reflects this budget at least in part, "
+            "so it is no evidence against the paper either way. More data (--tokens), more steps "
+            "(ExperimentConfig.steps) or --sweep show how R^2 moves with capacity and data."
         )
     if abs(a["q_star_quantile"] - p["atoms"]["q_star"]) > AGREEMENT:
         k = _mean(results, lambda lay: lay["dictionaries"]["atoms"]["l0_median"])

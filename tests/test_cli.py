@@ -56,3 +56,9 @@ def test_run_help_lists_the_flags_of_the_main_job():
     for flag in ("--model", "--layers", "--tokens", "--n-atoms", "--text", "--output", "--device", "--seed"):
         assert flag in result.output
     assert "--quick" in result.output and "--sweep" in result.output
+
+
+def test_run_reports_bad_flags_without_a_traceback():
+    result = runner.invoke(app, ["run", "--layers", "3,3", "--output", "unused"])
+    assert result.exit_code == 2
+    assert "atoms run:" in result.output and "Traceback" not in result.output
