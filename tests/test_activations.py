@@ -22,13 +22,11 @@ import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from tiny_models import byte_tokenizer, tiny_llama
 from transformers import (
     GPT2Config,
     GPT2LMHeadModel,
-    LlamaConfig,
     LlamaForCausalLM,
-    PreTrainedTokenizerFast,
     ViTConfig,
 )
 
@@ -62,31 +60,10 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def byte_tokenizer(bos: bool = True) -> PreTrainedTokenizerFast:
-    """A byte-level tokenizer (256 byte tokens, no merges) with <s>, </s>, <pad> special tokens."""
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(["<s>", "</s>", "<pad>"])
-    special = {"bos_token": "<s>"} if bos else {}
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", **special)
-
-
 @pytest.fixture(scope="module")
 def tiny():
     tokenizer = byte_tokenizer()
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-    )
-    return LlamaForCausalLM(config).eval(), tokenizer
+    return tiny_llama(tokenizer), tokenizer
 
 
 @pytest.fixture(scope="session")
