@@ -145,6 +145,30 @@ class SecondMoment:
                 out._combine(part._count, part._mean, part._m2)
         return out
 
+    def state(self) -> tuple[int, torch.Tensor, torch.Tensor]:
+        """(count, mean (d,), M2 (d, d)) float64 copies: what `from_state` needs to rebuild the accumulator.
+
+        M2 is the centered scatter sum (x - mean)(x - mean)^T; atoms.distributed ships this across ranks.
+        """
+        return self._count, self._mean.clone(), self._m2.clone()
+
+    @classmethod
+    def from_state(
+        cls, count: int, mean: torch.Tensor, m2: torch.Tensor, center: bool = False
+    ) -> SecondMoment:
+        """The accumulator with the given (count, mean (d,), M2 (d, d)), as `state` returns them."""
+        mean = torch.as_tensor(mean, dtype=torch.float64).cpu()
+        m2 = torch.as_tensor(m2, dtype=torch.float64).cpu()
+        d = mean.shape[0] if mean.ndim == 1 else 0
+        if not isinstance(count, int) or isinstance(count, bool) or count < 0 or d < 1 or m2.shape != (d, d):
+            raise BadInputError(
+                f"from_state needs an int count >= 0, mean (d,) and M2 (d, d); got count {count!r}, mean "
+                f"{tuple(mean.shape)}, M2 {tuple(m2.shape)}. Pass the tuple SecondMoment.state() returns."
+            )
+        out = cls(d, center)
+        out._count, out._mean, out._m2 = count, mean.clone(), m2.clone()
+        return out
+
     def save(self, path: str | Path) -> None:
         """Write to a safetensors file (mean, scatter; d, center and count in the metadata)."""
         meta = {

@@ -147,6 +147,22 @@ class R2Accumulator:
                 out._combine(part._count, part._mean, part._scatter, part._sse)
         return out
 
+    def state(self) -> tuple[int, torch.Tensor | None, float, float]:
+        """(count, mean (d,) float64 or None before any sample, scatter, sse): what `from_state` rebuilds;
+        for reductions across processes (atoms.distributed.all_reduce_r2)."""
+        return self._count, None if self._mean is None else self._mean.clone(), self._scatter, self._sse
+
+    @classmethod
+    def from_state(
+        cls, count: int, mean: torch.Tensor, scatter: float, sse: float, aip: AIP | None = None
+    ) -> R2Accumulator:
+        """The accumulator of `state()`'s values, mean (d,), in the norm of `aip` (None: Euclidean)."""
+        out = cls(aip)
+        out.d = mean.shape[0]
+        if count:
+            out._count, out._mean, out._scatter, out._sse = count, mean.to(torch.float64).cpu(), scatter, sse
+        return out
+
     def value(self) -> float:
         """R^2 of everything accumulated; raises when there is no sample or the samples do not vary."""
         if self._count == 0:

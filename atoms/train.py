@@ -14,6 +14,16 @@ dead-latent counters, the position in the data (epoch, offset and the shuffling 
 of the epoch, or the number of batches taken from an iterator) and the history. Everything a step reads comes
 from that state, so a run interrupted at any step and resumed from its latest checkpoint ends with the same
 weights, bit for bit, as an uninterrupted run (on the same device and torch build).
+
+Distributed (torchrun, gloo or NCCL): every rank passes the same activations and `config.batch_size` is the
+global batch. The global batches are drawn exactly as in one process; rank r of W trains on its contiguous
+share of each (`atoms.distributed.shard`), so it reads only those rows. Each rank's gradient is weighted by
+its share of the batch and summed over ranks, which gives the global batch's mean gradient; the loss, the
+mean L0 the target-L0 controller reads and the dead-latent counts are reduced the same way, so the decoder
+constraint, the thresholds and the controller update identically on every rank. Rank 0 alone writes
+checkpoints; they hold the full model and optimizer state and a data position that does not depend on the
+number of ranks, so a run resumes on any number of ranks. A 2-rank run equals the 1-process run with the same
+global batch up to float rounding (the gradient is summed in another order).
 """
 
 from __future__ import annotations
@@ -28,7 +38,9 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
+from atoms.distributed import agree, comm_device, is_distributed, shard, world
 from atoms.errors import BadInputError, as_float_tensor
 from atoms.tsae import SparseAutoencoder
 
@@ -58,7 +70,8 @@ class TrainConfig:
     lr: float = 2e-4
     """Adam learning rate after warm-up."""
     batch_size: int = 4096
-    """Activation vectors per step (when training from a tensor; an iterator sets its own batch sizes)."""
+    """Activation vectors per step, over all ranks together (when training from a tensor; an iterator sets its
+    own batch sizes)."""
     steps: int = 10_000
     """Optimizer steps in the run."""
     lr_warmup_steps: int = 1000
@@ -228,13 +241,49 @@ def _ramp(step: int, warmup: int) -> float:
     return 1.0 if warmup == 0 else min(1.0, (step + 1) / warmup)
 
 
+def _all_reduce_step(
+    model: SparseAutoencoder, out: Any, fired: torch.Tensor
+) -> tuple[int, torch.Tensor, list[float]]:
+    """Under torchrun: the global batch's size, firing mask (n_atoms,) and mean (loss, recon, sparsity, l0),
+    the same on every rank; the gradients become the global batch's mean gradient.
+
+    Gradients are reduced by hand rather than by DistributedDataParallel. DDP divides the sum over ranks by
+    the world size, which is the global batch's mean gradient only when every rank holds the same number of
+    rows; weighting each rank's gradient by its share n_r / N is exact for any split (an iterator's batches
+    need not divide evenly). It also keeps `train_step` a function of the bare model, and the backward pass is
+    two matrix products, so DDP's overlap of communication with it would save little.
+    """
+    n = out.codes.shape[0]
+    local = [
+        float(out.loss.detach()),
+        float(out.recon_loss.detach()),
+        float(out.l0_loss.detach()),
+        float(out.l0),
+    ]
+    packed = torch.cat([torch.tensor([1.0, *local], dtype=torch.float64) * n, fired.double().cpu()])
+    packed = packed.to(comm_device())
+    dist.all_reduce(packed)
+    packed = packed.cpu()
+    total = int(packed[0])
+    for p in model.parameters():
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        p.grad.mul_(n / total)
+        dist.all_reduce(p.grad)
+    return total, (packed[5:] > 0).to(fired.device), (packed[1:5] / total).tolist()
+
+
 def train_step(
     model: SparseAutoencoder,
     optimizer: torch.optim.Optimizer,
     batch: torch.Tensor | np.ndarray,
     state: TrainState,
 ) -> StepStats:
-    """One optimizer step on raw activations `batch` (batch, d); updates `state` in place, returns stats."""
+    """One optimizer step on raw activations `batch` (batch, d); updates `state` in place, returns stats.
+
+    Under torchrun each rank passes its own rows of the global batch (any split, at least one row each); the
+    step and the returned stats are then those of the global batch, identical on every rank.
+    """
     cfg = state.config
     lr = cfg.lr * _ramp(state.step, cfg.lr_warmup_steps)
     for group in optimizer.param_groups:
@@ -244,16 +293,20 @@ def train_step(
     out = model(batch, coefficient=coefficient)
     optimizer.zero_grad(set_to_none=True)
     out.loss.backward()
+    with torch.no_grad():
+        fired = (out.codes != 0).any(dim=0)
+    if is_distributed():
+        n, fired, (loss, recon, sparsity, l0) = _all_reduce_step(model, out, fired)
+    else:
+        n, l0 = out.codes.shape[0], float(out.l0)
+        loss, recon, sparsity = (float(t.detach()) for t in (out.loss, out.recon_loss, out.l0_loss))
     model.project_decoder_grad_()
     optimizer.step()
     model.constrain_()
 
     with torch.no_grad():
-        n = out.codes.shape[0]
-        fired = (out.codes != 0).any(dim=0)
         state.tokens_since_fired += n
         state.tokens_since_fired[fired] = 0
-    l0 = float(out.l0)
     if cfg.target_l0 is not None and state.step >= cfg.sparsity_warmup_steps:
         error = max(-1.0, min(1.0, (l0 - cfg.target_l0) / cfg.target_l0))
         state.coefficient *= math.exp(cfg.target_l0_gain * error)
@@ -261,9 +314,9 @@ def train_step(
     state.tokens_seen += n
     return StepStats(
         step=state.step,
-        loss=float(out.loss.detach()),
-        recon_loss=float(out.recon_loss.detach()),
-        sparsity_loss=float(out.l0_loss.detach()),
+        loss=loss,
+        recon_loss=recon,
+        sparsity_loss=sparsity,
         l0=l0,
         dead=int(state.dead_latents().sum()),
         coefficient=coefficient,
@@ -277,13 +330,22 @@ def train_step(
 
 
 class _TensorBatches:
-    """Shuffled batches of a (n, d) tensor, a new permutation per epoch; the last partial batch is dropped."""
+    """Shuffled batches of a (n, d) tensor, a new permutation per epoch; the last partial batch is dropped.
+
+    Under torchrun the permutation is the same on every rank; `next` returns this rank's share of the batch.
+    """
 
     def __init__(self, x: torch.Tensor, batch_size: int, seed: int) -> None:
         if x.shape[0] < batch_size:
             raise BadInputError(
                 f"activations hold {x.shape[0]} vectors, fewer than batch_size = {batch_size}; lower the "
                 "batch size or pass more activations."
+            )
+        ranks = world()[1]
+        if batch_size < ranks:
+            raise BadInputError(
+                f"batch_size = {batch_size} is the global batch, smaller than the {ranks} ranks; each rank "
+                f"needs at least one row: use batch_size >= {ranks}."
             )
         self.x, self.batch_size = x, batch_size
         self.gen = torch.Generator().manual_seed(seed)
@@ -307,7 +369,7 @@ class _TensorBatches:
             self._new_epoch()
         idx = self.perm[self.offset : self.offset + self.batch_size]
         self.offset += self.batch_size
-        return self.x[idx]
+        return self.x[idx[shard(self.batch_size)]]
 
     def state_dict(self) -> dict[str, Any]:
         return {"kind": "tensor", "epoch": self.epoch, "offset": self.offset, "generator": self.epoch_state}
@@ -323,7 +385,10 @@ class _TensorBatches:
 
 
 class _IteratorBatches:
-    """Batches from an iterable; the position is the number taken, and resuming skips that many."""
+    """Batches from an iterable; the position is the number taken, and resuming skips that many.
+
+    Under torchrun every rank iterates over the same global batches and `next` returns this rank's share.
+    """
 
     def __init__(self, batches: Iterable[torch.Tensor | np.ndarray]) -> None:
         self.it: Iterator = iter(batches)
@@ -348,7 +413,15 @@ class _IteratorBatches:
     def next(self) -> torch.Tensor | np.ndarray:
         batch, self._first = (self._first, None) if self._first is not None else (self._pull(), None)
         self.taken += 1
-        return batch
+        if not is_distributed():
+            return batch
+        ranks = world()[1]
+        if len(batch) < ranks:
+            raise BadInputError(
+                f"batch {self.taken} has {len(batch)} rows for {ranks} ranks; each rank needs at least one "
+                "row of every global batch: yield larger batches."
+            )
+        return batch[shard(len(batch))]
 
     def state_dict(self) -> dict[str, Any]:
         return {"kind": "iterator", "taken": self.taken}
@@ -370,6 +443,15 @@ def _source(
         if x.ndim != 2:
             raise BadInputError(
                 f"activations must be (n, d), got shape {tuple(x.shape)}; reshape with x.reshape(-1, d)."
+            )
+        if is_distributed():
+            # Every rank draws the same permutation of the same rows: check that they hold the same data.
+            probe = x[:: max(1, x.shape[0] // 1024)].to(torch.float64)
+            agree(
+                "the training activations",
+                {"rows": x.shape[0], "d": x.shape[1], "checksum": float(probe.sum())},
+                "Every rank must pass the same (n, d) activations (e.g. the same memory-mapped file); each "
+                "trains only on its own rows of every batch.",
             )
         return _TensorBatches(x, config.batch_size, config.seed)
     if isinstance(activations, Iterable):
@@ -468,6 +550,29 @@ def _normalise(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
+def _synchronise_start(model: SparseAutoencoder, state: TrainState, ckpt_dir: Path | None) -> None:
+    """Under torchrun, before the first step: every rank at the same step, with rank 0's weights and scales.
+
+    Broadcasting the weights (as DistributedDataParallel does) makes the ranks identical even if their models
+    were built with different seeds; the step check catches a checkpoint_dir that not every rank can read.
+    """
+    agree(
+        "the step to resume from",
+        {"step": state.step},
+        f"checkpoint_dir {ckpt_dir} must be one directory that every rank reads (a shared filesystem), "
+        "holding the same checkpoints.",
+    )
+    device = comm_device()
+    with torch.no_grad():
+        for p in model.parameters():
+            buffer = p.detach().to(device)
+            dist.broadcast(buffer, src=0)
+            p.copy_(buffer)
+        scales = torch.tensor([model.input_scale, model.raw_scale], dtype=torch.float64, device=device)
+        dist.broadcast(scales, src=0)
+    model.input_scale, model.raw_scale = scales.tolist()
+
+
 # ------------------------------------------------------------------------------------------------------------
 # The loop
 # ------------------------------------------------------------------------------------------------------------
@@ -489,6 +594,11 @@ def train(
     replay the same batches from its start on every call (its first `taken` batches are skipped).
     `callback(stats)` runs after each step (and after that step's checkpoint); an exception it raises stops
     the run, resumable from the last checkpoint.
+
+    Under torchrun (an initialised process group), call `train` on every rank with the same model
+    construction, activations and config; see the module docstring. checkpoint_dir must be a directory every
+    rank reads (rank 0 writes it), only rank 0 prints progress, and `callback` runs on every rank with the
+    same (global) stats.
     """
     if not isinstance(model, SparseAutoencoder):
         raise BadInputError(f"train takes a TSAE or ReLUSAE, got {type(model).__name__}.")
@@ -499,21 +609,28 @@ def train(
     history: list[StepStats] = []
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
     resume = latest_checkpoint(ckpt_dir) if ckpt_dir is not None and ckpt_dir.is_dir() else None
+    rank = world()[0]
     if resume is not None:
         history = _load_checkpoint(resume, model, optimizer, state, source)
-        if progress:
+        if progress and rank == 0:
             print(f"resumed from {resume} at step {state.step}", file=sys.stderr)
     elif config.fit_input_scale:
         model.fit_input_scale(source.sample(config.input_scale_samples, config.seed + 1))
-    if ckpt_dir is not None:
+    if is_distributed():
+        _synchronise_start(model, state, ckpt_dir)
+    if ckpt_dir is not None and rank == 0:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
 
     while state.step < config.steps:
         stats = train_step(model, optimizer, source.next(), state)
         history.append(stats)
         if ckpt_dir is not None and (state.step % config.checkpoint_every == 0 or state.step == config.steps):
-            _save_checkpoint(ckpt_dir, model, optimizer, state, source, history)
-        if progress and (state.step % config.log_every == 0 or state.step == config.steps):
+            if rank == 0:
+                _save_checkpoint(ckpt_dir, model, optimizer, state, source, history)
+            if is_distributed():
+                # No rank runs ahead of (or reports past) a checkpoint that is not yet on disk.
+                dist.barrier()
+        if progress and rank == 0 and (state.step % config.log_every == 0 or state.step == config.steps):
             print(
                 f"step {stats.step}/{config.steps}  loss {stats.loss:.4g}  recon {stats.recon_loss:.4g}  "
                 f"l0 {stats.l0:.1f}  dead {stats.dead}  lambda {stats.coefficient:.3g}",
