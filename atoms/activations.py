@@ -559,8 +559,10 @@ class _Store:
         self.n_commits = len(self.shards)
         self.done_through = None if saved["done_through"] is None else tuple(saved["done_through"])
         self.complete = saved["complete"]
+        for shard in self.shards:
+            _read_shard(out, shard["file"], None)
         if saved["moments"]:
-            self.moments = {int(i): SecondMoment.load(out / name) for i, name in saved["moments"].items()}
+            self.moments = {int(i): _load_moment(out, name) for i, name in saved["moments"].items()}
         # Files an interrupted commit left behind (a shard or moment not yet in the manifest, temp files).
         keep = {MANIFEST, *(s["file"] for s in self.shards), *saved["moments"].values()}
         for p in out.iterdir():
@@ -618,6 +620,17 @@ class _Store:
         return Capture(self.layers, self.d, tokens, self.moments, None, held)
 
 
+def _load_moment(out_dir: Path, name: str) -> SecondMoment:
+    """A committed moment checkpoint; a damaged one gets the capture's fix rather than SecondMoment's."""
+    try:
+        return SecondMoment.load(out_dir / name)
+    except BadInputError as err:
+        raise BadInputError(
+            f"the moment checkpoint {name}, listed in the manifest of the capture in {out_dir}, is "
+            f"unreadable ({err}). It was damaged after it was written; delete {out_dir} and capture again."
+        ) from err
+
+
 def _read_manifest(out_dir: str | os.PathLike[str]) -> dict[str, Any]:
     path = Path(out_dir) / MANIFEST
     if not path.is_file():
@@ -631,6 +644,29 @@ def _read_manifest(out_dir: str | os.PathLike[str]) -> dict[str, Any]:
     return body
 
 
+def _read_shard(
+    out_dir: str | os.PathLike[str], name: str, keys: Sequence[str] | None
+) -> dict[str, torch.Tensor]:
+    """Tensors `keys` of a committed shard (None: only check its header), or an error saying it is damaged.
+
+    Shards are renamed into place only once written and synced, so a shard the manifest lists can be
+    unreadable only if something changed it afterwards; its rows are lost with it.
+    """
+    path = Path(out_dir) / name
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            missing = [k for k in keys or () if k not in f.keys()]
+            if not missing:
+                return {k: f.get_tensor(k) for k in keys or ()}
+        reason = f"it lacks {missing}"
+    except Exception as err:  # safetensors raises its own error type, or OSError for a missing file
+        reason = f"{type(err).__name__}: {err}"
+    raise BadInputError(
+        f"{path}, listed in the manifest of the capture in {out_dir}, is unreadable ({reason}): it was "
+        f"damaged or removed after it was written, and its rows are lost. Delete {out_dir} and capture again."
+    )
+
+
 def iter_shards(out_dir: str | os.PathLike[str], layer: int) -> Iterator[torch.Tensor]:
     """Yield the committed shards of `layer` in order, each (rows, d) float32, reading one shard at a time."""
     body = _read_manifest(out_dir)
@@ -639,8 +675,7 @@ def iter_shards(out_dir: str | os.PathLike[str], layer: int) -> Iterator[torch.T
             f"layer {layer} was not captured in {out_dir}; it holds layers {body['identity']['layers']}."
         )
     for shard in body["shards"]:
-        with safe_open(str(Path(out_dir) / shard["file"]), framework="pt") as f:
-            yield f.get_tensor(f"layer_{layer}")
+        yield _read_shard(out_dir, shard["file"], (f"layer_{layer}",))[f"layer_{layer}"]
 
 
 def load_shards(out_dir: str | os.PathLike[str], layer: int) -> torch.Tensor:
@@ -655,9 +690,8 @@ def load_tokens(out_dir: str | os.PathLike[str]) -> Tokens:
     body = _read_manifest(out_dir)
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in Tokens._fields}
     for shard in body["shards"]:
-        with safe_open(str(Path(out_dir) / shard["file"]), framework="pt") as f:
-            for k in Tokens._fields:
-                parts[k].append(f.get_tensor(k))
+        for k, v in _read_shard(out_dir, shard["file"], Tokens._fields).items():
+            parts[k].append(v)
     return Tokens(*(torch.cat(v) if v else torch.empty(0, dtype=torch.int64) for v in parts.values()))
 
 
@@ -668,5 +702,5 @@ def load_capture(out_dir: str | os.PathLike[str]) -> Capture:
     """
     body = _read_manifest(out_dir)
     out = Path(out_dir)
-    moments = {int(i): SecondMoment.load(out / name) for i, name in body["moments"].items()}
+    moments = {int(i): _load_moment(out, name) for i, name in body["moments"].items()}
     return Capture(tuple(body["identity"]["layers"]), body["d"], load_tokens(out), moments, out)

@@ -52,9 +52,22 @@ def as_float_tensor(
     `dtype=None` keeps the tensor's floating dtype; otherwise the result is cast to `dtype`.
     """
     if isinstance(x, np.ndarray):
+        if x.dtype.kind not in "biufc":
+            raise BadInputError(
+                f"{what} is a numpy array of dtype {x.dtype} ({x.dtype.kind!r} kind), not numbers; pass "
+                "numeric activations, e.g. x.astype(np.float32)."
+            )
         x = torch.from_numpy(x)
     if not isinstance(x, torch.Tensor):
-        raise BadInputError(f"{what} must be a torch tensor or numpy array, got {type(x).__name__}.")
+        raise BadInputError(
+            f"{what} must be a torch tensor or numpy array, got {type(x).__name__}; convert it first, e.g. "
+            "torch.tensor(x, dtype=torch.float32)."
+        )
+    if x.is_complex():
+        raise BadInputError(
+            f"{what} has complex dtype {x.dtype}; activations are real vectors. Pass x.real if the imaginary "
+            "part is rounding noise, otherwise check where the complex values come from."
+        )
     if not x.is_floating_point():
         raise BadInputError(
             f"{what} has dtype {x.dtype}; a floating dtype is required. Cast it first, e.g. `x.float()`."

@@ -102,6 +102,13 @@ def _from_pretrained(source: str | Path, local_only: bool) -> tuple[torch.nn.Mod
             f"{source} does not hold a transformers model (no readable config.json: {err}). Point to a "
             "folder written by `save_pretrained`, a .gguf file, or 'smollm2-135m'."
         ) from err
+    if _is_encoder(config):
+        raise BadInputError(
+            f"{source} holds a {config.model_type!r} model, an encoder with bidirectional attention, not a "
+            "causal LM: transformers would load it as one only by reusing it as a decoder, and its "
+            "activations would not be a causal LM's. Use a decoder-only LM such as Llama, GPT-2 or SmolLM2 "
+            "(or set is_decoder=true in its config.json if it really was trained as a decoder)."
+        )
     try:
         model = AutoModelForCausalLM.from_pretrained(source, config=config, local_files_only=local_only)
     except ValueError as err:
@@ -121,6 +128,18 @@ def _from_pretrained(source: str | Path, local_only: bool) -> tuple[torch.nn.Mod
             "tokenizer.save_pretrained(folder)."
         ) from err
     return model, tokenizer
+
+
+def _is_encoder(config: Any) -> bool:
+    """True for encoder families (BERT, RoBERTa, ...) that transformers also maps to a causal-LM head."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    kind = getattr(config, "model_type", None)
+    both = kind in MODEL_FOR_MASKED_LM_MAPPING_NAMES and kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    return both and not getattr(config, "is_decoder", False)
 
 
 def _conversion_ok(folder: Path, stamp: dict[str, Any]) -> bool:
@@ -143,8 +162,17 @@ def _converted_gguf(gguf: Path, folder: Path) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the cache is meant to be shared like any model download
     try:
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                gguf.parent, gguf_file=gguf.name, local_files_only=True
+            )
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
+        except (ValueError, OSError, KeyError, RuntimeError) as err:
+            raise BadInputError(
+                f"{gguf} is not a GGUF causal LM that transformers can read ({type(err).__name__}: {err}). "
+                "Pass a complete .gguf of a Llama-family model (the download may be truncated), a folder "
+                f"written by save_pretrained, or {DEFAULT_MODEL!r}."
+            ) from err
         # The GGUF loader dequantizes every tensor to a plain float weight but still tags the model as
         # quantized, and a tagged model refuses save_pretrained.
         model.hf_quantizer = None

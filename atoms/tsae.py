@@ -276,7 +276,10 @@ class SparseAutoencoder(nn.Module, ABC):
         norms = w.norm(dim=1, keepdim=True)
         zero = (norms.squeeze(1) == 0).nonzero().flatten()
         if zero.numel():
-            raise BadInputError(f"atoms {zero[:10].tolist()} are zero vectors; every atom needs a direction.")
+            raise BadInputError(
+                f"atoms {zero[:10].tolist()} are zero vectors, which have no direction to normalise; drop "
+                "them, or replace them by random unit vectors (as the model's own initialisation does)."
+            )
         w = w / norms
         self.W_dec.copy_(w.to(self.W_dec))
         self.W_enc.copy_(w.T.to(self.W_enc))
@@ -543,16 +546,35 @@ def load_saelens(path: str | Path) -> SparseAutoencoder:
     try:
         meta = json.loads(meta_path.read_text())
         cls = _CLASSES[meta["class"]]
-        config, s = dict(meta["config"]), float(meta["input_scale"])
-        aip = AIP.load(path / AIP_FILE) if meta["has_aip"] else None
+        config, s, has_aip = dict(meta["config"]), float(meta["input_scale"]), bool(meta["has_aip"])
     except (KeyError, ValueError, TypeError) as e:
         raise BadInputError(f"{meta_path} is unreadable or incomplete ({e!r}); re-save the model.") from e
+    try:
+        aip = AIP.load(path / AIP_FILE) if has_aip else None
+    except BadInputError as e:
+        raise BadInputError(
+            f"the AIP saved with the model in {path} is unreadable ({e}); re-save the model with "
+            "save_saelens."
+        ) from e
     if cls is TSAE:
         model = cls(aip=aip, **config)
     else:
         model = cls(**config)
     model.input_scale, model.raw_scale = s, float(meta["raw_scale"])
-    w = {k: v.to(torch.float64) for k, v in load_file(str(path / SAELENS_WEIGHTS)).items()}
+    try:
+        loaded = load_file(str(path / SAELENS_WEIGHTS))
+    except Exception as e:  # safetensors raises its own error type for truncated or foreign files
+        raise BadInputError(
+            f"{path / SAELENS_WEIGHTS} is unreadable ({type(e).__name__}: {e}); it was damaged after saving. "
+            "Re-save the model with save_saelens."
+        ) from e
+    expected = {"W_enc", "W_dec", "b_dec", "b_enc", *(("threshold",) if cls is TSAE else ())}
+    if set(loaded) != expected:
+        raise BadInputError(
+            f"{path / SAELENS_WEIGHTS} holds tensors {sorted(loaded)}, not {sorted(expected)} of a "
+            f"{cls.__name__}; re-save the model with save_saelens."
+        )
+    w = {k: v.to(torch.float64) for k, v in loaded.items()}
     W_enc, W_dec, b_dec = w["W_enc"] / s, w["W_dec"] * s, w["b_dec"] * s
     if aip is not None:
         L = aip.cholesky
