@@ -64,6 +64,7 @@ from atoms.metrics import (
     unit_codes,
 )
 from atoms.models import DEFAULT_MODEL, load_model
+from atoms.recovery import phase_transition
 from atoms.text import Article, split_articles, text_files, wikipedia_articles
 from atoms.theorems import CLAIMS, instance
 from atoms.train import StepStats, TrainConfig, TrainResult, train
@@ -180,11 +181,15 @@ class ExperimentConfig:
     erc_samples: int = 4
     """Held-out samples per dictionary on which Tropp's ERC is evaluated (0.5 s each at 2304 x 576 with
     supports of 150 atoms, 2.4 s with 400)."""
-    bp_samples: int = 1
-    """Held-out samples per dictionary solved by basis pursuit (about 14 s each at 2304 x 576 with HiGHS);
-    tiny by default until a batched solver exists."""
-    bp_solver: str = "linprog"
-    """Basis-pursuit solver of `atoms.metrics.certified_fractions`: "linprog", "cvxpy" or "omp"."""
+    bp_samples: int | None = None
+    """Held-out samples per dictionary solved by basis pursuit; None: all of the q* samples (q_samples, or
+    neuron_samples for the neurons)."""
+    bp_solver: str = "batched"
+    """Basis-pursuit solver of `atoms.metrics.certified_fractions`: "batched" (all samples in one torch
+    call, each answer proven), "linprog" (HiGHS, about 14 s a sample at 2304 x 576), "cvxpy" or "omp"."""
+    bp_fallback: bool = False
+    """Re-solve by HiGHS the samples the batched solver proves nothing about (about 14 s each at
+    2304 x 576); False reports them as flagged."""
     cards: int = 6
     """Latents per kind (atoms, features, neurons) and layer shown as cards."""
     card_examples: int = 8
@@ -202,6 +207,13 @@ class ExperimentConfig:
     """Optimizer steps of each sweep cell (the same for every cell)."""
     sweep_batch_size: int = 256
     """Batch size of each sweep cell."""
+    phase_atoms: int = 200
+    """Atoms N of the Gaussian problems of the basis-pursuit phase transition (Donoho-Tanner plane, signed
+    and non-negative) drawn in the report; 0 skips it."""
+    phase_grid: int = 12
+    """Points per axis of the phase-transition grid: delta = m/N and rho = k/m at (i - 1/2) / phase_grid."""
+    phase_trials: int = 10
+    """Problems per phase-transition cell and sign (they share one Gaussian dictionary)."""
     allow_download: bool = False
     """Let `load_model` fetch a hub model name; by default nothing leaves the machine."""
     cache_dir: str | None = None
@@ -220,11 +232,11 @@ class ExperimentConfig:
             "q_samples": 1,
             "neuron_samples": 1,
             "erc_samples": 0,
-            "bp_samples": 0,
             "cards": 0,
             "card_examples": 1,
         }
         counts |= {"sweep_steps": 1, "sweep_batch_size": 1, "seed": 0}
+        counts |= {"phase_atoms": 0, "phase_grid": 1, "phase_trials": 1}
         for name, minimum in counts.items():
             if not _is_int(getattr(self, name), minimum):
                 raise BadInputError(
@@ -249,8 +261,14 @@ class ExperimentConfig:
                 raise BadInputError(
                     f"ExperimentConfig.{name} must be a finite number {bound}, got {value!r}."
                 )
-        if self.bp_solver not in ("linprog", "cvxpy", "omp"):
-            raise BadInputError(f"bp_solver must be 'linprog', 'cvxpy' or 'omp', got {self.bp_solver!r}.")
+        if self.bp_samples is not None and not _is_int(self.bp_samples, 0):
+            raise BadInputError(
+                f"bp_samples must be an int >= 0 or None (every q* sample), got {self.bp_samples!r}."
+            )
+        if self.bp_solver not in ("batched", "linprog", "cvxpy", "omp"):
+            raise BadInputError(
+                f"bp_solver must be 'batched', 'linprog', 'cvxpy' or 'omp', got {self.bp_solver!r}."
+            )
         if self.preset not in ("default", "quick"):
             raise BadInputError(f"preset must be 'default' or 'quick', got {self.preset!r}.")
         if not self.sweep_multiples or not all(_is_int(m, 1) for m in self.sweep_multiples):
@@ -280,7 +298,6 @@ class ExperimentConfig:
             "q_samples": 512,
             "neuron_samples": 256,
             "erc_samples": 2,
-            "bp_samples": 1,
             "cards": 4,
             "card_examples": 6,
             "sweep_multiples": (1, 2, 4),
@@ -428,6 +445,21 @@ DEFINITIONS: dict[str, str] = {
     "layers.*.cards.*.*.examples.*.value": "The latent's value on the example token.",
     "summary.*.*": "Mean over the studied layers of the per-layer value of the same name.",
     "paper.*.*": "The paper's reported per-model average (SPEC section 6).",
+    "phase_transition.n": "Atoms N of the phase transition's Gaussian problems.",
+    "phase_transition.trials": "Problems per phase-transition cell and sign.",
+    "phase_transition.deltas.*": "Grid values of delta = m/N (measurements over atoms).",
+    "phase_transition.rhos.*": "Grid values of rho = k/m (non-zeros over measurements).",
+    "phase_transition.*.measurements.*": "Measurements m = round(delta N) of each grid row.",
+    "phase_transition.*.rates.*.*": "Fraction of the cell's problems basis pursuit recovered (row delta, "
+    "column rho; signed or nonneg).",
+    "phase_transition.*.ci_low.*.*": "Lower end of the Wilson 95% interval of the cell's rate.",
+    "phase_transition.*.ci_high.*.*": "Upper end of the Wilson 95% interval of the cell's rate.",
+    "phase_transition.*.flagged.*.*": "Problems of the cell in the flagged band (neither proven).",
+    "phase_transition.*.failed.*.*": "Problems of the cell basis pursuit failed to recover.",
+    "phase_transition.*.curve.*": "Theoretical transition rho*(delta) (Donoho-Tanner, from the statistical "
+    "dimension) at each grid delta.",
+    "phase_transition.*.codes_per_dictionary": "Problems sharing one Gaussian dictionary.",
+    "phase_transition.*.seconds": "Wall seconds of the plane for this sign.",
     "sweep.layer": "Layer of the capacity-vs-data sweep.",
     "sweep.steps": "Optimizer steps of every sweep cell.",
     "sweep.batch_size": "Batch size of every sweep cell.",
@@ -793,6 +825,7 @@ def _certified(
         erc_samples=config.erc_samples,
         bp_samples=config.bp_samples,
         bp_solver=config.bp_solver,
+        bp_fallback=config.bp_fallback,
         nonneg=nonneg,
         seed=config.seed,
     )
@@ -1334,7 +1367,7 @@ def run_experiment(config: ExperimentConfig | None = None, progress: bool = True
                     {
                         k: v
                         for k, v in asdict(config).items()
-                        if not k.startswith("sweep")
+                        if not k.startswith(("sweep", "phase_"))
                         and k not in ("output", "threads", "device", "preset", "cache_dir")
                     },
                 ]
@@ -1375,6 +1408,10 @@ def run_experiment(config: ExperimentConfig | None = None, progress: bool = True
                     sweep = _sweep(
                         sweep_layer, config, caps["fit"], caps["heldout"], work / "fitted" / capture_key, bars
                     )
+            phase = None
+            if config.phase_atoms:
+                with _timed(stages, "phase_transition"):
+                    phase = _phase_plane(config, work / "phase", bars)
     finally:
         torch.set_num_threads(previous_threads)
     results = {
@@ -1414,9 +1451,48 @@ def run_experiment(config: ExperimentConfig | None = None, progress: bool = True
         "summary": _summary(results_layers),
         "paper": PAPER,
         "sweep": sweep,
+        "phase_transition": phase,
         "definitions": DEFINITIONS,
     }
     return _json_safe(results)
+
+
+def _phase_plane(config: ExperimentConfig, folder: Path, bars: Any) -> dict[str, Any]:
+    """Basis pursuit over the (delta, rho) plane at N = phase_atoms, signed and non-negative, beside the
+    theoretical curves (`atoms.recovery.phase_transition`); cached in `folder` by its settings."""
+    n, grid, trials = config.phase_atoms, config.phase_grid, config.phase_trials
+    cached = folder / f"{_digest([n, grid, trials, config.seed, config.bp_solver])}.json"
+    if cached.is_file():
+        bars.log(f"phase transition: loaded from {cached}")
+        return json.loads(cached.read_text())
+    points = [(i + 0.5) / grid for i in range(grid)]
+    out: dict[str, Any] = {"n": n, "trials": trials, "deltas": points, "rhos": points}
+    update = bars.task(f"phase transition, N = {n}", 2 * grid)
+    for done, nonneg in enumerate((False, True)):
+        cells = []
+        for i, delta in enumerate(points):
+            cells.append(
+                phase_transition(
+                    n, [delta], points, trials, nonneg=nonneg, seed=config.seed + i, solver=config.bp_solver
+                )
+            )
+            update(completed=done * grid + i + 1)
+        out["nonneg" if nonneg else "signed"] = {
+            "measurements": [int(c.measurements[0]) for c in cells],
+            "rates": [c.rates[0].tolist() for c in cells],
+            "ci_low": [c.ci_low[0].tolist() for c in cells],
+            "ci_high": [c.ci_high[0].tolist() for c in cells],
+            "flagged": [c.flagged[0].tolist() for c in cells],
+            "failed": [c.failures[0].tolist() for c in cells],
+            "curve": [float(c.curve[0]) for c in cells],
+            "codes_per_dictionary": cells[0].codes_per_dictionary,
+            "seconds": sum(c.seconds for c in cells),
+        }
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = cached.with_name(cached.name + ".tmp")
+    tmp.write_text(json.dumps(out))
+    os.replace(tmp, cached)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -1,11 +1,12 @@
 """Exact sparse recovery: basis pursuit references, OMP, solver-free certificates and the phase transition.
 
 Basis pursuit: min ||delta||_1 s.t. delta @ W_dec = m (and delta >= 0 when `nonneg`), SPEC section 4, theorem
-3. Three independent solvers: the cvxpy reference (Clarabel; one Problem per dictionary with m as a Parameter,
-so a batch re-solves without re-compiling), scipy's HiGHS on the split LP delta = u - v, and orthogonal
-matching pursuit. Success policy (SPEC section 7): relative error under 1e-5 is recovered, over 1e-3 is
-failed, in between flagged; the relative residual ||delta @ W_dec - m|| / ||m|| is held to the same bands, and
-a solver status never decides alone.
+3. Four solvers: the batched torch solver of `atoms.batched_recovery` (ADMM, active-set polish and a dual
+certificate per sample; the default), the cvxpy reference (Clarabel; one Problem per dictionary with m as a
+Parameter, so a batch re-solves without re-compiling), scipy's HiGHS on the split LP delta = u - v, and
+orthogonal matching pursuit. Success policy (SPEC section 7): relative error under 1e-5 is recovered, over
+1e-3 is failed, in between flagged; the relative residual ||delta @ W_dec - m|| / ||m|| is held to the same
+bands, and a solver status never decides alone.
 
 Certificates that need no solver: the minimum-norm dual certificate and Tropp's exact recovery condition
 (ERC). `phase_transition` measures success over a (delta = m/N, rho = k/m) grid of Gaussian problems beside
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 from scipy import optimize, stats
 
+from atoms.batched_recovery import solve_batched
 from atoms.dictionary import Dictionary
 from atoms.errors import BadInputError, IllConditionedError, as_float_tensor
 
@@ -32,6 +34,7 @@ __all__ = [
     "FAILED_ABOVE",
     "RECOVERED_BELOW",
     "BPProblem",
+    "BatchedProof",
     "Certificate",
     "PhaseTransition",
     "RecoveryResult",
@@ -59,9 +62,29 @@ _LINPROG_STATUS = {
 # Dual certificate: W_L y = sign(delta_L) must hold to this max-abs residual for y to count.
 _CERTIFICATE_RESIDUAL = 1e-8
 _PROBLEM_CACHE_SIZE = 4
+_SOLVERS = ("batched", "cvxpy", "linprog", "omp")
+# The batched solver's status for a sample it neither certified nor bounded (and did not hand to HiGHS).
+_UNPROVEN = "unsolved"
 _WILSON_Z = float(stats.norm.ppf(0.975))
 
 Array = torch.Tensor | np.ndarray
+
+
+class BatchedProof(NamedTuple):
+    """What the batched solver proved about each sample of a batch of B (see `atoms.batched_recovery`).
+
+    duals (B, d): the dual certificate y, for the unit-norm m (NaN where none; y does not depend on m's
+    scale). max_off (B,): max |<d_j, y>| over atoms off the support for a certified sample (< 1 proves the
+    code the unique minimiser), over all atoms otherwise. gaps (B,): relative duality gap (p - q) / p of the
+    answer. iterations (B,): ADMM iterations spent. fallback (B,) bool: re-solved by HiGHS after the batched
+    solver proved nothing (its status then is HiGHS's, and its duals, max_off and gaps are NaN).
+    """
+
+    duals: torch.Tensor
+    max_off: torch.Tensor
+    gaps: torch.Tensor
+    iterations: torch.Tensor
+    fallback: torch.Tensor
 
 
 class RecoveryResult(NamedTuple):
@@ -69,10 +92,13 @@ class RecoveryResult(NamedTuple):
 
     codes (batch, n_atoms) float64.
     residuals (batch,): relative ||delta @ W_dec - m|| / ||m|| (absolute when m = 0).
-    statuses: the solver's word per sample.
+    statuses: the solver's word per sample. The batched solver says "optimal" only with a dual certificate
+    of the unique minimiser and "converged" with a duality gap under 1e-9; a zero m is "optimal" (the zero
+    code, no solve).
     With `true_codes`: errors (batch,), the relative ||delta - delta_true|| / ||delta_true||; decisions
     ("recovered" / "flagged" / "failed"), one reason per sample and the count of each decision. Without
     `true_codes` those four are None.
+    proof: the batched solver's certificates (`BatchedProof`); None for the other solvers.
     """
 
     codes: torch.Tensor
@@ -84,6 +110,7 @@ class RecoveryResult(NamedTuple):
     decisions: list[str] | None
     reasons: list[str] | None
     counts: dict[str, int] | None
+    proof: BatchedProof | None = None
 
 
 class BPProblem(NamedTuple):
@@ -114,7 +141,8 @@ def classify(errors: Array, residuals: Array, statuses: list[str]) -> tuple[list
     errors, residuals: (batch,). Each is put in a band: under 1e-5 recovered, over 1e-3 failed, in between
     flagged (NaN: failed). The decision is the worse of the two bands; a sample that would be recovered but
     whose status is not "optimal"/"converged" is flagged, so a status neither rescues nor condemns a sample
-    alone. Returns (decisions, reasons), one per sample.
+    alone; a batched-solver answer with status "unsolved" (nothing proven) is flagged, never failed.
+    Returns (decisions, reasons), one per sample.
     """
     err = torch.as_tensor(errors, dtype=torch.float64).reshape(-1)
     res = torch.as_tensor(residuals, dtype=torch.float64).reshape(-1)
@@ -133,6 +161,10 @@ def classify(errors: Array, residuals: Array, statuses: list[str]) -> tuple[list
         if decision == "recovered" and status not in _CERTIFIED:
             decision = "flagged"
             reason += ": values match but the solver did not certify them"
+        elif decision == "failed" and status == _UNPROVEN:
+            # An iterate the solver could not prove anything about is not evidence that recovery fails.
+            decision = "flagged"
+            reason += ": the batched solver proved nothing (no fallback), so failure is not established"
         decisions.append(decision)
         reasons.append(reason)
     return decisions, reasons
@@ -243,17 +275,22 @@ def basis_pursuit(
     m: Array,
     *,
     nonneg: bool = False,
-    solver: Literal["cvxpy", "linprog", "omp"] = "cvxpy",
+    solver: Literal["batched", "cvxpy", "linprog", "omp"] = "batched",
     k: int | None = None,
     true_codes: Array | None = None,
     cvxpy_solver: str = "CLARABEL",
+    fallback: bool = True,
+    device: str | torch.device | None = None,
 ) -> RecoveryResult:
     """Solve min ||delta||_1 s.t. delta @ W_dec = m (delta >= 0 if `nonneg`) for each sample of a batch.
 
     W_dec: (n_atoms, d) tensor/array (rows are atoms, used as given: no normalisation) or a `Dictionary` (its
     raw atoms).  m: (batch, d) or (d,).
     true_codes: (batch, n_atoms) or (n_atoms,); enables errors and decisions.
-    solver: "cvxpy" (reference; `cvxpy_problem` is built once per dictionary and re-solved per sample with
+    solver: "batched" (default: `atoms.batched_recovery.solve_batched`, the whole batch at once in torch on
+    `device` (W_dec's device when None), float64; each answer proven by a dual certificate or a duality gap,
+    see `RecoveryResult.proof`; with `fallback`, samples it proves nothing about are re-solved by HiGHS),
+    "cvxpy" (reference; `cvxpy_problem` is built once per dictionary and re-solved per sample with
     `cvxpy_solver`, Clarabel by default, whose default tolerances leave errors near 1e-8, far inside the 1e-5
     band), "linprog" (HiGHS on the split LP), or "omp" (`k` steps, or until the residual vanishes when k is
     None; greedy pursuit rather than basis pursuit, the second recovery algorithm of theorem 3).
@@ -267,8 +304,8 @@ def basis_pursuit(
     if M.ndim > 2:
         raise BadInputError(f"m has shape {tuple(M.shape)}; pass (batch, d) or (d,).")
     M = M.reshape(-1, d)
-    if solver not in ("cvxpy", "linprog", "omp"):
-        raise BadInputError(f"solver must be 'cvxpy', 'linprog' or 'omp', got {solver!r}.")
+    if solver not in _SOLVERS:
+        raise BadInputError(f"solver must be one of {_SOLVERS}, got {solver!r}.")
     if solver == "cvxpy" and cvxpy_solver.upper() not in cp.installed_solvers():
         raise BadInputError(
             f"cvxpy_solver {cvxpy_solver!r} is not installed; choose one of {cp.installed_solvers()} "
@@ -292,7 +329,12 @@ def basis_pursuit(
     nonzero = scale > 0
     Mn = (M[nonzero] / scale[nonzero, None]).numpy()
     Wn = W.numpy()
-    if solver == "cvxpy":
+    proof = None
+    if solver == "batched":
+        solved, solved_status, proof = _solve_batched(
+            W, M[nonzero] / scale[nonzero, None], nonneg, fallback, device
+        )
+    elif solver == "cvxpy":
         solved, solved_status = _solve_cvxpy(Wn, Mn, nonneg, cvxpy_solver)
     elif solver == "linprog":
         solved, solved_status = _solve_linprog(Wn, Mn, nonneg)
@@ -311,9 +353,57 @@ def basis_pursuit(
         errors = torch.linalg.vector_norm(codes - truth, dim=1) / torch.where(norms > 0, norms, 1.0)
         decisions, reasons = classify(errors, residuals, statuses)
         counts = {name: decisions.count(name) for name in _ORDER}
+    if proof is not None:
+        proof = _expand_proof(proof, nonzero, d)
     return RecoveryResult(
-        codes, residuals, statuses, solver, time.perf_counter() - start, errors, decisions, reasons, counts
+        codes,
+        residuals,
+        statuses,
+        solver,
+        time.perf_counter() - start,
+        errors,
+        decisions,
+        reasons,
+        counts,
+        proof,
     )
+
+
+def _solve_batched(
+    W: torch.Tensor, Mn: torch.Tensor, nonneg: bool, fallback: bool, device: str | torch.device | None
+) -> tuple[np.ndarray, list[str], BatchedProof]:
+    """The batched solver on unit rows Mn (b, d); unproven samples re-solved by HiGHS when `fallback`."""
+    target = torch.device(device) if device is not None else W.device
+    solution = solve_batched(W.to(target), Mn.to(target), nonneg=nonneg)
+    codes = solution.codes.cpu().numpy()
+    statuses = list(solution.status)
+    redo = [i for i, status in enumerate(statuses) if status == "unsolved"] if fallback else []
+    if redo:
+        codes[redo], highs = _solve_linprog(W.numpy(), Mn[redo].numpy(), nonneg)
+        for i, status in zip(redo, highs, strict=True):
+            statuses[i] = status
+    used = torch.zeros(len(statuses), dtype=torch.bool)
+    used[redo] = True
+    # A HiGHS answer carries HiGHS's status, not the batched solver's (unproven) dual and gap.
+    duals, max_off, gaps = (t.cpu().clone() for t in (solution.duals, solution.max_off, solution.gaps))
+    for t in (duals, max_off, gaps):
+        t[used] = torch.nan
+    proof = BatchedProof(duals, max_off, gaps, solution.iterations.cpu(), used)
+    return codes, statuses, proof
+
+
+def _expand_proof(proof: BatchedProof, nonzero: torch.Tensor, d: int) -> BatchedProof:
+    """The proof of the non-zero rows spread over the whole batch; a zero m gets y = 0 and gap 0 (the zero
+    code is the unique minimiser, with nothing to certify)."""
+    B = nonzero.shape[0]
+    duals = torch.zeros(B, d, dtype=torch.float64)
+    max_off = torch.full((B,), -math.inf, dtype=torch.float64)
+    gaps = torch.zeros(B, dtype=torch.float64)
+    iterations = torch.zeros(B, dtype=torch.int64)
+    fallback = torch.zeros(B, dtype=torch.bool)
+    for full, part in zip((duals, max_off, gaps, iterations, fallback), proof, strict=True):
+        full[nonzero] = part.to(full.dtype)
+    return BatchedProof(duals, max_off, gaps, iterations, fallback)
 
 
 class Certificate(NamedTuple):
@@ -490,6 +580,7 @@ class PhaseTransition(NamedTuple):
     deltas (n_delta,) = m/N; rhos (n_rho,) = k/m; measurements (n_delta,): the m used; sparsities
     (n_delta, n_rho): the k used; successes, flagged, failures (n_delta, n_rho) int64 counts out of `trials`;
     rates = successes / trials with ci_low, ci_high; curve (n_delta,): rho*(delta) from `donoho_tanner_curve`.
+    codes_per_dictionary: trials sharing one Gaussian dictionary.
     """
 
     n: int
@@ -498,6 +589,7 @@ class PhaseTransition(NamedTuple):
     trials: int
     nonneg: bool
     solver: str
+    codes_per_dictionary: int
     measurements: torch.Tensor
     sparsities: torch.Tensor
     successes: torch.Tensor
@@ -524,20 +616,27 @@ def phase_transition(
     trials: int = 20,
     nonneg: bool = False,
     seed: int = 0,
-    solver: Literal["cvxpy", "linprog", "omp"] = "linprog",
+    solver: Literal["batched", "cvxpy", "linprog", "omp"] = "batched",
+    codes_per_dictionary: int = 10,
 ) -> PhaseTransition:
     """Success rate of basis pursuit on Gaussian problems over a (delta = m/N, rho = k/m) grid.
 
-    n: the number of atoms N. For each cell, m = round(delta * N) and k = max(1, round(rho * m)); every trial
-    draws a fresh N x m Gaussian dictionary (so trials are independent, as the Wilson interval assumes) and a
-    code with k non-zeros on a uniform random support, N(0, 1) values (|N(0, 1)| when nonneg). A trial
-    succeeds when `basis_pursuit` decides "recovered"; flagged and failed trials are counted apart.
+    n: the number of atoms N. For each cell, m = round(delta * N) and k = max(1, round(rho * m)); the trials
+    come in groups of `codes_per_dictionary` that share a fresh N x m Gaussian dictionary, each trial a code
+    with k non-zeros on a uniform random support, N(0, 1) values (|N(0, 1)| when nonneg); a group is one
+    call of `basis_pursuit`, so the batched solver gets batches. A trial succeeds when `basis_pursuit`
+    decides "recovered"; flagged and failed trials are counted apart. The Wilson interval treats the trials
+    as independent: exact for codes_per_dictionary = 1 (a fresh dictionary per trial), and close for small
+    groups because the success rate given a Gaussian dictionary concentrates as N grows.
     """
     start = time.perf_counter()
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 2:
         raise BadInputError(f"n (the number of atoms) must be an int >= 2, got {n!r}.")
     if isinstance(trials, bool) or not isinstance(trials, (int, np.integer)) or trials < 1:
         raise BadInputError(f"trials must be an int >= 1, got {trials!r}.")
+    group = codes_per_dictionary
+    if isinstance(group, bool) or not isinstance(group, (int, np.integer)) or group < 1:
+        raise BadInputError(f"codes_per_dictionary must be an int >= 1, got {group!r}.")
     delta_grid, rho_grid = _grid(deltas, "deltas"), _grid(rhos, "rhos")
     measurements = torch.clamp(torch.round(delta_grid * n), min=1).long()
     sparsities = torch.clamp(torch.round(rho_grid[None, :] * measurements[:, None]), min=1).long()
@@ -545,14 +644,16 @@ def phase_transition(
     rng = np.random.default_rng(seed)
     for a, m in enumerate(measurements.tolist()):
         for b, k in enumerate(sparsities[a].tolist()):
-            for _ in range(trials):
+            for first in range(0, trials, group):
                 W = rng.standard_normal((n, m))
-                code = np.zeros(n)
-                values = rng.standard_normal(k)
-                code[rng.choice(n, size=k, replace=False)] = np.abs(values) if nonneg else values
+                codes = np.zeros((min(group, trials - first), n))
+                for code in codes:
+                    values = rng.standard_normal(k)
+                    code[rng.choice(n, size=k, replace=False)] = np.abs(values) if nonneg else values
                 steps = min(k, m) if solver == "omp" else None
-                result = basis_pursuit(W, code @ W, nonneg=nonneg, solver=solver, k=steps, true_codes=code)
-                counts[result.decisions[0]][a, b] += 1
+                result = basis_pursuit(W, codes @ W, nonneg=nonneg, solver=solver, k=steps, true_codes=codes)
+                for decision in result.decisions:
+                    counts[decision][a, b] += 1
     rates = counts["recovered"].double() / trials
     low, high = wilson_interval(counts["recovered"], trials)
     return PhaseTransition(
@@ -562,6 +663,7 @@ def phase_transition(
         trials=int(trials),
         nonneg=bool(nonneg),
         solver=solver,
+        codes_per_dictionary=int(group),
         measurements=measurements,
         sparsities=sparsities,
         successes=counts["recovered"],

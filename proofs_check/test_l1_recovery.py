@@ -26,10 +26,14 @@ def test_false_l1_twice_refuted(refuted):
     # Independent confirmation by HiGHS: some code's l1 minimiser is not the planted code.
     result = basis_pursuit(unit, inst.codes @ unit, solver="linprog", true_codes=inst.codes)
     assert result.counts["failed"] > 0, result.reasons
+    # And by the batched solver, whose answers carry their own proof of optimality.
+    batched = basis_pursuit(unit, inst.codes @ unit, true_codes=inst.codes)
+    assert batched.decisions == result.decisions, (batched.reasons, result.reasons)
 
 
-def test_coherence_recovery_by_highs_and_omp(cross_check):
-    """Under K < (1 + 1/mu)/2 the split LP (HiGHS) and K steps of OMP recover every code too (Tropp 2004)."""
+def test_coherence_recovery_by_highs_omp_and_batched(cross_check):
+    """Under K < (1 + 1/mu)/2 the split LP (HiGHS), K steps of OMP and the batched solver recover every code
+    too (Tropp 2004); the batched solver proves each by its own dual certificate, without HiGHS."""
     claim = claim_named("l1_coherence")
 
     @cross_check
@@ -43,6 +47,9 @@ def test_coherence_recovery_by_highs_and_omp(cross_check):
         assert highs.counts["failed"] == 0, highs.reasons
         omp = basis_pursuit(unit, m, solver="omp", k=inst.k, true_codes=inst.codes)
         assert omp.counts["failed"] == 0, omp.reasons
+        batched = basis_pursuit(unit, m, true_codes=inst.codes)
+        assert batched.counts["recovered"] == m.shape[0], batched.reasons
+        assert not bool(batched.proof.fallback.any())
 
     check()
 

@@ -65,7 +65,8 @@ def build_tiny(root: Path) -> tuple[Path, list[str]]:
 
 
 def tiny_config(model: Path, files: list[str], output: Path, **overrides) -> ExperimentConfig:
-    """Two layers, 2048 fit and 512 held-out tokens, SAEs of 4d = 128 atoms, the sweep on."""
+    """Two layers, 2048 fit and 512 held-out tokens, SAEs of 4d = 128 atoms, the sweep and a 3 x 3 phase
+    plane on; basis pursuit on every q* sample."""
     settings = {
         "model": str(model),
         "layers": (1, 3),
@@ -81,7 +82,7 @@ def tiny_config(model: Path, files: list[str], output: Path, **overrides) -> Exp
         "angle_vectors": 200,
         "neuron_samples": 64,
         "erc_samples": 2,
-        "bp_samples": 1,
+        "bp_samples": None,
         "cards": 2,
         "card_examples": 3,
         "sweep": True,
@@ -89,6 +90,9 @@ def tiny_config(model: Path, files: list[str], output: Path, **overrides) -> Exp
         "sweep_tokens": (256, 1024),
         "sweep_steps": 20,
         "sweep_batch_size": 64,
+        "phase_atoms": 24,
+        "phase_grid": 3,
+        "phase_trials": 4,
         "threads": 1,
     }
     settings.update(overrides)
@@ -181,6 +185,26 @@ def test_results_hold_meta_model_text_and_every_layer(run):
     assert len(results["sweep"]["cells"]) == 4
     # The SAEs are saved in SAELens format under the output folder.
     assert (Path(config.output) / "saes" / "layer_001_atoms" / "cfg.json").is_file()
+
+
+def test_basis_pursuit_certifies_every_q_star_sample_and_the_phase_plane_is_drawn(run):
+    _, results = run
+    for lay in results["layers"].values():
+        for kind, m in lay["dictionaries"].items():
+            cert = m["certified"]
+            assert cert["bp_solver"] == "batched"
+            assert cert["bp_n"] == m["q_star_samples"], kind
+            assert cert["bp_recovered"] + cert["bp_flagged"] + cert["bp_failed"] == cert["bp_n"]
+        # The neurons are a basis: every code is the unique one, and basis pursuit proves it.
+        assert lay["dictionaries"]["neurons"]["certified"]["bp_fraction"] == 1.0
+    phase = results["phase_transition"]
+    assert phase["n"] == 24 and phase["deltas"] == pytest.approx([1 / 6, 1 / 2, 5 / 6])
+    for sign in ("signed", "nonneg"):
+        rates = np.array(phase[sign]["rates"])
+        assert rates.shape == (3, 3) and ((rates >= 0) & (rates <= 1)).all()
+        assert phase[sign]["measurements"] == [4, 12, 20]
+        # rho = 1/6 at delta = 5/6 lies far below the curve: recovery there is all but certain.
+        assert rates[2, 0] >= 0.75, phase[sign]
 
 
 def test_summary_is_the_mean_over_layers(run):

@@ -557,7 +557,7 @@ def test_certified_fractions_given_bound_custom_solver_and_edge_cases():
         ({"spark_lower": True}, "spark_lower must be a proven lower bound"),
         ({"erc_samples": -1}, "erc_samples must be an int >= 0"),
         ({"bp_samples": 1.5}, "bp_samples must be an int >= 0"),
-        ({"bp_solver": 3}, "bp_solver must be 'linprog'"),
+        ({"bp_solver": 3}, "bp_solver must be 'batched', 'linprog'"),
         ({"bp_solver": lambda W, m, **kw: basis_pursuit(W, m)}, "returned no per-sample decisions"),
     ],
 )

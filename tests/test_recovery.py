@@ -257,7 +257,11 @@ def test_donoho_tanner_curve_reference_values():
         (lambda: basis_pursuit(W_DH, np.ones((2, 2, 32))), BadInputError, r"pass \(batch, d\)"),
         (lambda: basis_pursuit(W_DH, np.ones(32), solver="lasso"), BadInputError, "solver must be"),
         (lambda: basis_pursuit(W_DH, np.ones(32), k=2), BadInputError, "only applies to solver='omp'"),
-        (lambda: basis_pursuit(W_DH, np.ones(32), cvxpy_solver="NOPE"), BadInputError, "not installed"),
+        (
+            lambda: basis_pursuit(W_DH, np.ones(32), solver="cvxpy", cvxpy_solver="NOPE"),
+            BadInputError,
+            "not installed",
+        ),
         (lambda: basis_pursuit(W_DH, np.ones(32), solver="omp", k=0), BadInputError, "k must be an int in"),
         (
             lambda: basis_pursuit(W_DH, np.ones((2, 32)), true_codes=np.ones(64)),

@@ -20,7 +20,7 @@ from test_experiment import build_tiny, tiny_config
 
 from atoms.errors import BadInputError
 from atoms.experiment import run_experiment
-from atoms.report import blocks, differences, num, pct, to_markdown, write_report
+from atoms.report import blocks, differences, num, pct, phase_sentences, to_markdown, write_report
 
 CHROMIUM_FLAGS = [
     "--headless",
@@ -126,7 +126,14 @@ def test_files_exist_and_figures_are_embedded(report):
     page = paths["html"].read_text()
     md = paths["markdown"].read_text()
     names = {p.stem for p in paths["figures"]}
-    assert names == {"representation_shift", "dictionaries", "q_star", "training", "sweep"}
+    assert names == {
+        "representation_shift",
+        "dictionaries",
+        "q_star",
+        "training",
+        "sweep",
+        "phase_transition",
+    }
     for path in paths["figures"]:
         png = path.read_bytes()
         assert png.startswith(b"\x89PNG\r\n\x1a\n")
@@ -334,3 +341,25 @@ def test_chromium_loads_every_figure(report, tmp_path):
 def test_chromium_probe_sees_a_broken_image(tmp_path):
     page = '<!DOCTYPE html><html><body><img src="data:image/png;base64,AAAA"></body></html>'
     assert rendered_images(page, tmp_path) == ["BROKEN"]
+
+
+def test_phase_plane_sentences_count_the_cells_against_the_curve(report):
+    results, paths = report
+    phase = results["phase_transition"]
+    md = paths["markdown"].read_text()
+    assert "## Exact recovery on Gaussian problems: the phase transition" in md
+    sentences = phase_sentences(phase)
+    for sign, sentence in zip(("signed", "nonneg"), sentences, strict=True):
+        plane = phase[sign]
+        below = above = below_bad = above_bad = 0
+        for i in range(len(phase["deltas"])):
+            for j, rho in enumerate(phase["rhos"]):
+                if rho < plane["curve"][i] - 0.1:
+                    below += 1
+                    below_bad += plane["ci_high"][i][j] < 0.5
+                elif rho > plane["curve"][i] + 0.1:
+                    above += 1
+                    above_bad += plane["ci_low"][i][j] > 0.5
+        assert f"of {below} cells more than 0.1 below the curve, {below_bad} recover fewer" in sentence
+        assert f"of {above} cells more than 0.1 above it, {above_bad} recover more" in sentence
+        assert sentence in md
