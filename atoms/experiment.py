@@ -303,6 +303,8 @@ class ExperimentConfig:
             "sweep_multiples": (1, 2, 4),
             "sweep_tokens": (1024, 4096, 8192),
             "sweep_steps": 100,
+            "phase_grid": 8,
+            "phase_trials": 8,
             "preset": "quick",
         }
         preset.update(overrides)

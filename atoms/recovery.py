@@ -65,6 +65,8 @@ _PROBLEM_CACHE_SIZE = 4
 _SOLVERS = ("batched", "cvxpy", "linprog", "omp")
 # The batched solver's status for a sample it neither certified nor bounded (and did not hand to HiGHS).
 _UNPROVEN = "unsolved"
+# ... and for one where it found a feasible code of smaller l1 norm than the true code (stop_at_failure).
+_BEATEN = "beaten"
 _WILSON_Z = float(stats.norm.ppf(0.975))
 
 Array = torch.Tensor | np.ndarray
@@ -141,7 +143,8 @@ def classify(errors: Array, residuals: Array, statuses: list[str]) -> tuple[list
     errors, residuals: (batch,). Each is put in a band: under 1e-5 recovered, over 1e-3 failed, in between
     flagged (NaN: failed). The decision is the worse of the two bands; a sample that would be recovered but
     whose status is not "optimal"/"converged" is flagged, so a status neither rescues nor condemns a sample
-    alone; a batched-solver answer with status "unsolved" (nothing proven) is flagged, never failed.
+    alone; a batched-solver answer with status "unsolved" (nothing proven) is flagged, never failed, and
+    one with status "beaten" (a feasible code of smaller l1 norm than the true one: proof of failure) fails.
     Returns (decisions, reasons), one per sample.
     """
     err = torch.as_tensor(errors, dtype=torch.float64).reshape(-1)
@@ -161,6 +164,10 @@ def classify(errors: Array, residuals: Array, statuses: list[str]) -> tuple[list
         if decision == "recovered" and status not in _CERTIFIED:
             decision = "flagged"
             reason += ": values match but the solver did not certify them"
+        if status == _BEATEN:
+            # Proof of failure: a feasible code with a smaller l1 norm than the true code exists.
+            decision = "failed"
+            reason += ": a feasible code with a smaller l1 norm than the true code was found"
         elif decision == "failed" and status == _UNPROVEN:
             # An iterate the solver could not prove anything about is not evidence that recovery fails.
             decision = "flagged"
@@ -281,6 +288,7 @@ def basis_pursuit(
     cvxpy_solver: str = "CLARABEL",
     fallback: bool = True,
     device: str | torch.device | None = None,
+    stop_at_failure: bool = True,
 ) -> RecoveryResult:
     """Solve min ||delta||_1 s.t. delta @ W_dec = m (delta >= 0 if `nonneg`) for each sample of a batch.
 
@@ -290,6 +298,10 @@ def basis_pursuit(
     solver: "batched" (default: `atoms.batched_recovery.solve_batched`, the whole batch at once in torch on
     `device` (W_dec's device when None), float64; each answer proven by a dual certificate or a duality gap,
     see `RecoveryResult.proof`; with `fallback`, samples it proves nothing about are re-solved by HiGHS),
+    With `true_codes` and `stop_at_failure`, the batched solver stops on a sample as soon as it holds a
+    feasible code of smaller l1 norm than the true code (status "beaten", decision "failed", the code
+    returned is that feasible code, not the minimiser): the proof a recovery experiment needs, and far
+    cheaper than solving a failed problem to optimality.
     "cvxpy" (reference; `cvxpy_problem` is built once per dictionary and re-solved per sample with
     `cvxpy_solver`, Clarabel by default, whose default tolerances leave errors near 1e-8, far inside the 1e-5
     band), "linprog" (HiGHS on the split LP), or "omp" (`k` steps, or until the residual vanishes when k is
@@ -331,9 +343,11 @@ def basis_pursuit(
     Wn = W.numpy()
     proof = None
     if solver == "batched":
-        solved, solved_status, proof = _solve_batched(
-            W, M[nonzero] / scale[nonzero, None], nonneg, fallback, device
-        )
+        beat = None
+        if truth is not None and stop_at_failure:
+            beat = torch.linalg.vector_norm(truth[nonzero], ord=1, dim=1) / scale[nonzero]
+        unit_m = M[nonzero] / scale[nonzero, None]
+        solved, solved_status, proof = _solve_batched(W, unit_m, nonneg, fallback, device, beat)
     elif solver == "cvxpy":
         solved, solved_status = _solve_cvxpy(Wn, Mn, nonneg, cvxpy_solver)
     elif solver == "linprog":
@@ -370,11 +384,17 @@ def basis_pursuit(
 
 
 def _solve_batched(
-    W: torch.Tensor, Mn: torch.Tensor, nonneg: bool, fallback: bool, device: str | torch.device | None
+    W: torch.Tensor,
+    Mn: torch.Tensor,
+    nonneg: bool,
+    fallback: bool,
+    device: str | torch.device | None,
+    beat: torch.Tensor | None,
 ) -> tuple[np.ndarray, list[str], BatchedProof]:
     """The batched solver on unit rows Mn (b, d); unproven samples re-solved by HiGHS when `fallback`."""
     target = torch.device(device) if device is not None else W.device
-    solution = solve_batched(W.to(target), Mn.to(target), nonneg=nonneg)
+    beat = None if beat is None else beat.to(target)
+    solution = solve_batched(W.to(target), Mn.to(target), nonneg=nonneg, beat=beat)
     codes = solution.codes.cpu().numpy()
     statuses = list(solution.status)
     redo = [i for i, status in enumerate(statuses) if status == "unsolved"] if fallback else []
@@ -663,7 +683,7 @@ def phase_transition(
         trials=int(trials),
         nonneg=bool(nonneg),
         solver=solver,
-        codes_per_dictionary=int(group),
+        codes_per_dictionary=int(min(group, trials)),
         measurements=measurements,
         sparsities=sparsities,
         successes=counts["recovered"],

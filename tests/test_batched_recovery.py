@@ -76,11 +76,30 @@ def test_gaussian_problems_agree_with_cvxpy_across_the_transition(nonneg):
     assert sum(r for r, _ in rows) > 0 and sum(f for _, f in rows) > 0, rows
 
 
+@pytest.mark.parametrize("nonneg", [False, True])
+def test_failures_stop_early_with_a_feasible_code_that_beats_the_truth(nonneg):
+    """With the true codes known, a failed recovery is proven by any feasible code of smaller l1 norm: the
+    solver stops there (status "beaten"); checked here in numpy from the returned code alone."""
+    W, X, M = gaussian_problem(200, 40, 30, 8, nonneg, seed=3)
+    ours = basis_pursuit(W, M, nonneg=nonneg, true_codes=X)
+    reference = basis_pursuit(W, M, nonneg=nonneg, solver="linprog", true_codes=X)
+    assert ours.decisions == reference.decisions == ["failed"] * 8
+    for b, status in enumerate(ours.statuses):
+        if status != "beaten":
+            continue
+        code = ours.codes[b].numpy()
+        assert np.linalg.norm(code @ W - M[b]) <= 1e-8 * np.linalg.norm(M[b])
+        assert np.abs(code).sum() < np.abs(X[b]).sum() and (not nonneg or (code >= 0).all())
+    if not nonneg:
+        assert ours.statuses == ["beaten"] * 8 and int(ours.proof.iterations.max()) <= 50
+
+
 def test_failed_recoveries_are_proven_optima_of_another_code():
-    """Past the transition the truth is not the minimiser: the batched answer has a smaller l1 norm than the
-    truth, equal to HiGHS's optimum, and is certified (or gap-bounded) as optimal."""
+    """Past the transition the truth is not the minimiser: solved to the end (stop_at_failure off), the
+    batched answer has a smaller l1 norm than the truth, equal to HiGHS's optimum, and is certified (or
+    gap-bounded) as optimal."""
     W, X, M = gaussian_problem(200, 40, 30, 8, False, seed=3)
-    ours = basis_pursuit(W, M, true_codes=X)
+    ours = basis_pursuit(W, M, true_codes=X, stop_at_failure=False)
     highs = basis_pursuit(W, M, solver="linprog")
     assert ours.counts["failed"] == 8, ours.reasons
     ours_l1 = ours.codes.abs().sum(dim=1)
@@ -154,7 +173,7 @@ def test_m_outside_the_span_of_the_atoms_is_infeasible_not_solved():
     assert bool(result.codes[1].isnan().all())
     # The feasible one is solved and proven, as cvxpy decides it.
     reference = basis_pursuit(W, M[:1], solver="cvxpy", true_codes=inside[None])
-    assert result.statuses[0] in ("optimal", "converged") and not bool(result.proof.fallback[0])
+    assert result.statuses[0] in ("optimal", "converged", "beaten") and not bool(result.proof.fallback[0])
     assert result.decisions[0] == reference.decisions[0] != "flagged"
 
 
@@ -198,3 +217,22 @@ def test_solver_never_trusts_admm_a_wrong_dual_is_rejected():
         wrong[b, on[0]], wrong[b, off[0]] = False, True
     bad = _polish(Wt, _factor(Wt), Mt, wrong, torch.zeros(4, 64, dtype=torch.float64), False)
     assert bool(good.feasible.all()) and not bool(bad.feasible.any()) and not bool(bad.certified.any())
+
+
+@pytest.mark.parametrize("nonneg", [False, True])
+def test_independent_atoms_have_one_feasible_code(nonneg):
+    """A basis (n_atoms <= d, independent): the only code reaching m is the minimiser, found without
+    iterating; a non-negative problem whose only code has a negative entry is infeasible."""
+    rng = np.random.default_rng(8)
+    W = rng.standard_normal((12, 20))
+    X = rng.standard_normal((5, 12))
+    X[:, :3] = 0.0
+    if nonneg:
+        X[:3] = np.abs(X[:3])
+    result = basis_pursuit(W, X @ W, nonneg=nonneg, true_codes=X)
+    expected = ["optimal"] * 5 if not nonneg else ["optimal"] * 3 + ["infeasible"] * 2
+    assert result.statuses == expected
+    solvable = [i for i, s in enumerate(expected) if s == "optimal"]
+    np.testing.assert_allclose(result.codes[solvable].numpy(), X[solvable], atol=1e-12)
+    assert bool((result.proof.iterations == 0).all())
+    assert check_certificates(W, X @ W, result, nonneg) == len(solvable)
