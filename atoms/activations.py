@@ -3,6 +3,8 @@
 `capture()` runs text through the model with forward hooks on the decoder blocks,
 stops the forward after the deepest requested block, and streams the rows into a float64 `SecondMoment` per
 layer and, given `out_dir`, into safetensors shards with a manifest from which an interrupted capture resumes.
+With `out_dir`, memory does not grow with the number of tokens: rows wait in one shard-sized buffer, and the
+returned `Capture` reads its tokens and activations from the shards only when asked.
 
 Layer index convention: layer i is the output of decoder block i (0-based), i.e. the residual stream after
 i + 1 blocks, equal to `hidden_states[i + 1]` of `output_hidden_states=True`. For the last block it is taken
@@ -83,18 +85,22 @@ class Capture:
     """Captured decoder blocks, ascending; layer i is the output of block i."""
     d: int
     """Hidden size (width of every activation row)."""
-    tokens: Tokens
-    """Origin of each row: token id, chunk, position, input text."""
     moments: dict[int, SecondMoment]
     """float64 second moment per layer over exactly the captured rows (empty when moment=False)."""
+    n_tokens: int
+    """Number of captured rows per layer (at most max_tokens; fewer if the text ran out)."""
     out_dir: Path | None = None
     """Shard folder, or None when the activations are held in memory."""
+    _tokens: Tokens | None = field(default=None, repr=False)
     _held: dict[int, torch.Tensor] | None = field(default=None, repr=False)
 
     @property
-    def n_tokens(self) -> int:
-        """Number of captured rows per layer (at most max_tokens; fewer if the text ran out)."""
-        return int(self.tokens.token_id.shape[0])
+    def tokens(self) -> Tokens:
+        """Origin of each row: token id, chunk, position, input text. A capture on disk reads them from the
+        shards at the first access (32 bytes per row), not before."""
+        if self._tokens is None:
+            self._tokens = load_tokens(self.out_dir)
+        return self._tokens
 
     def activations(self, layer: int) -> torch.Tensor:
         """All rows of `layer`, (n_tokens, d) float32, read from memory or from the shards."""
@@ -407,14 +413,19 @@ def _run(
     pad_id = next(t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if t is not None)
     recorder = _Recorder(layers[-1])
     handles = [blocks[i].register_forward_hook(recorder.hook(i)) for i in layers]
-    pending: list[dict[str, torch.Tensor]] = []
+    pending = _ShardBuffer(shard_tokens)
+
+    def commit(rows: dict[str, torch.Tensor]) -> None:
+        store.commit(rows)
+        _notify(on_shard, store)
+
     was_training = model.training
     try:
         model.eval()  # dropout would perturb the activations; the caller's mode is restored below
         with torch.no_grad():
             stream = (c for c in _chunks(tokenizer, texts, ident["seq_len"]) if c.index >= first)
             for batch in _batched(stream, batch_size):
-                room = max_tokens - store.tokens_done - _n_pending(pending)
+                room = max_tokens - store.tokens_done - pending.filled
                 if room <= 0:
                     break
                 rows = _forward(
@@ -427,16 +438,13 @@ def _run(
                     pad_id=pad_id,
                     device=device,
                 )
-                pending.append(_slice(rows, 0, room))
-                if _n_pending(pending) >= shard_tokens:
-                    _commit_full(pending, store, shard_tokens, on_shard)
+                pending.add(_slice(rows, 0, room), commit)
+                del rows  # the next forward's rows replace these: one batch of rows alive at a time
     finally:
         model.train(was_training)
         for handle in handles:
             handle.remove()
-    if _n_pending(pending):
-        store.commit(_cat(pending))
-        _notify(on_shard, store)
+    pending.flush(commit)
     if store.tokens_done == 0:
         raise BadInputError(
             "the texts gave no tokens to capture (each chunk held only its first position, which drop_first "
@@ -456,26 +464,43 @@ def _batched(chunks: Iterator[_Chunk], size: int) -> Iterator[list[_Chunk]]:
         yield batch
 
 
-def _n_pending(pending: list[dict[str, torch.Tensor]]) -> int:
-    return sum(_n_rows(p) for p in pending)
+class _ShardBuffer:
+    """Rows waiting for their commit, copied into one block of `size` rows per field as they arrive.
 
+    At most one shard of rows is held whatever max_tokens is (plus the batch being copied in), and a commit
+    takes the block as it is. After a commit the block is handed over, not reused: the in-memory store
+    keeps it, and on disk it is freed once written.
+    """
 
-def _commit_full(
-    pending: list[dict[str, torch.Tensor]],
-    store: _Store,
-    shard_tokens: int,
-    on_shard: Callable[[int, int], None] | None,
-) -> None:
-    """Commit every full shard of `pending` in stream order, keeping the remainder pending (in place)."""
-    rows = _cat(pending)
-    pending.clear()
-    n, start = _n_rows(rows), 0
-    while n - start >= shard_tokens:
-        store.commit(_slice(rows, start, start + shard_tokens))
-        start += shard_tokens
-        _notify(on_shard, store)
-    if start < n:
-        pending.append(_slice(rows, start))
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.filled = 0
+        self.block: dict[str, torch.Tensor] | None = None
+
+    def add(self, rows: dict[str, torch.Tensor], commit: Callable[[dict[str, torch.Tensor]], None]) -> None:
+        """Copy `rows` in stream order, calling `commit(block)` each time the block is full."""
+        n, start = _n_rows(rows), 0
+        while start < n:
+            if self.block is None:
+                self.block = {k: v.new_empty((self.size, *v.shape[1:])) for k, v in rows.items()}
+            take = min(self.size - self.filled, n - start)
+            for k, v in rows.items():
+                self.block[k][self.filled : self.filled + take] = v[start : start + take]
+            self.filled += take
+            start += take
+            if self.filled == self.size:
+                self._hand_over(self.block, commit)
+
+    def flush(self, commit: Callable[[dict[str, torch.Tensor]], None]) -> None:
+        """Commit the rows of a partly filled block (the last, short shard)."""
+        if self.filled:
+            self._hand_over(_slice(self.block, 0, self.filled), commit)
+
+    def _hand_over(
+        self, rows: dict[str, torch.Tensor], commit: Callable[[dict[str, torch.Tensor]], None]
+    ) -> None:
+        self.block, self.filled = None, 0
+        commit(rows)
 
 
 def _notify(on_shard: Callable[[int, int], None] | None, store: _Store) -> None:
@@ -613,11 +638,11 @@ class _Store:
 
     def result(self) -> Capture:
         if self.out_dir is not None:
-            return Capture(self.layers, self.d, load_tokens(self.out_dir), self.moments, self.out_dir)
+            return Capture(self.layers, self.d, self.moments, self.tokens_done, self.out_dir)
         rows = _cat(self.held)
         tokens = Tokens(rows["token_id"], rows["sequence"], rows["position"], rows["text"])
         held = {i: rows[f"layer_{i}"] for i in self.layers}
-        return Capture(self.layers, self.d, tokens, self.moments, None, held)
+        return Capture(self.layers, self.d, self.moments, self.tokens_done, None, tokens, held)
 
 
 def _load_moment(out_dir: Path, name: str) -> SecondMoment:
@@ -703,4 +728,4 @@ def load_capture(out_dir: str | os.PathLike[str]) -> Capture:
     body = _read_manifest(out_dir)
     out = Path(out_dir)
     moments = {int(i): _load_moment(out, name) for i, name in body["moments"].items()}
-    return Capture(tuple(body["identity"]["layers"]), body["d"], load_tokens(out), moments, out)
+    return Capture(tuple(body["identity"]["layers"]), body["d"], moments, body["tokens_done"], out)

@@ -3,7 +3,8 @@
 Coherence mu = max_{i != j} |<d~_i, d~_j>| of the unit-norm (AIP-whitened) atoms, the Babel function mu1(k)
 and the Welch bound mu >= sqrt((N - d) / (d (N - 1))) of SPEC section 3. Every statistic is computed in tiles
 of the Gram matrix by atoms.kernels.aip_gram, so memory stays O(tile x n_atoms): an n_atoms x n_atoms matrix
-is never built.
+is never built. Every walk takes `progress`: False (default), True for a tqdm bar on stderr, or a callable
+hook(done, total) called after each step (atoms.kernels.progress); it never changes a result.
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ from atoms.aip import AIP
 from atoms.errors import BadInputError, as_float_tensor
 from atoms.kernels.aip_gram import (
     GramStats,
+    babel_crossing_reference,
     babel_reference,
     gram_reduce,
     near_duplicate_pairs_reference,
 )
+from atoms.kernels.progress import Progress
 
 __all__ = ["Dictionary", "babel", "coherence", "welch_bound"]
 
@@ -81,7 +84,8 @@ class Dictionary:
         aip: the AIP or None. tile: rows per Gram tile (memory O(tile x n_atoms)).
 
     Zero atoms (norm 0 or below 1e-12 times the median norm) and NaN/Inf atoms raise BadInputError naming
-    their rows. The statistics of the default histogram pass are computed once and cached.
+    their rows. The statistics of the default histogram pass are computed once and cached (a cached answer
+    reports no progress).
     """
 
     def __init__(self, W_dec: torch.Tensor | np.ndarray, aip: AIP | None = None, *, tile: int = 1024) -> None:
@@ -133,24 +137,24 @@ class Dictionary:
     def d(self) -> int:
         return self.unit.shape[1]
 
-    def _gram_stats(self) -> GramStats:
+    def _gram_stats(self, progress: Progress = False) -> GramStats:
         if self._stats is None:
-            self._stats = gram_reduce(self.unit, bins=_DEFAULT_BINS, tile=self.tile)
+            self._stats = gram_reduce(self.unit, bins=_DEFAULT_BINS, tile=self.tile, progress=progress)
         return self._stats
 
-    def coherence(self) -> float:
+    def coherence(self, *, progress: Progress = False) -> float:
         """Mutual coherence max_{i != j} |cos(d~_i, d~_j)|; 0.0 for a single atom."""
-        return float(self._gram_stats().max_abs_cos)
+        return float(self._gram_stats(progress).max_abs_cos)
 
-    def max_coherence(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def max_coherence(self, *, progress: Progress = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-atom max |cos| to another atom (n_atoms,) float64, and a partner reaching it (n_atoms,) int64.
 
         Ties: the partner is one of the atoms reaching the maximum. A single atom has value 0 and partner -1.
         """
-        stats = self._gram_stats()
+        stats = self._gram_stats(progress)
         return stats.max_per_atom.clone(), stats.partner.clone()
 
-    def babel(self, k: int) -> float:
+    def babel(self, k: int, *, progress: Progress = False) -> float:
         """Babel function mu1(k) = max_i max_{|L| = k, i not in L} sum_{j in L} |cos(d~_i, d~_j)|.
 
         k must be in [1, n_atoms - 1]. mu1(1) is the coherence; mu1(k) <= k mu.
@@ -161,9 +165,23 @@ class Dictionary:
                 f"babel(k) needs 1 <= k <= n_atoms - 1 = {self.n_atoms - 1} (k other atoms are summed per "
                 f"atom), got k = {k}."
             )
-        return float(babel_reference(self.unit, k, tile=self.tile))
+        return float(babel_reference(self.unit, k, tile=self.tile, progress=progress))
 
-    def cos_histogram(self, bins: int = _DEFAULT_BINS) -> tuple[torch.Tensor, torch.Tensor]:
+    def babel_crossing(self, level: float = 1.0, *, progress: Progress = False) -> int | None:
+        """The smallest k in [1, n_atoms - 1] with babel(k) >= level; None when babel(n_atoms - 1) < level.
+
+        One walk over the Gram in row tiles (`atoms.kernels.aip_gram.babel_crossing_reference`), where a
+        bisection over babel(k) takes about log2(n_atoms) walks. Tropp's spark bound is this k + 1 at level 1.
+        """
+        if not isinstance(level, numbers.Real) or isinstance(level, bool) or not math.isfinite(level):
+            raise BadInputError(f"level must be a finite number (a Babel value to reach), got {level!r}.")
+        if self.n_atoms == 1:
+            return None
+        return babel_crossing_reference(self.unit, float(level), tile=self.tile, progress=progress)
+
+    def cos_histogram(
+        self, bins: int = _DEFAULT_BINS, *, progress: Progress = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Histogram of |cos| over the n (n - 1) / 2 pairs i < j: counts (bins,) int64, edges (bins + 1,).
 
         Equal bins over [0, 1], edges[b] = b / bins (float64); a pair goes to bin floor(|cos| * bins), and
@@ -174,12 +192,14 @@ class Dictionary:
         if bins < 1:
             raise BadInputError(f"bins must be >= 1, got {bins}.")
         stats = (
-            self._gram_stats() if bins == _DEFAULT_BINS else gram_reduce(self.unit, bins=bins, tile=self.tile)
+            self._gram_stats(progress)
+            if bins == _DEFAULT_BINS
+            else gram_reduce(self.unit, bins=bins, tile=self.tile, progress=progress)
         )
         return stats.histogram.clone(), stats.edges.clone()
 
     def near_duplicates(
-        self, threshold: float, *, max_pairs: int = 1_000_000
+        self, threshold: float, *, max_pairs: int = 1_000_000, progress: Progress = False
     ) -> list[tuple[int, int, float]]:
         """Pairs (i, j, cos) with i < j and |cos| > threshold, sorted by (i, j); cos is the signed AIP cosine.
 
@@ -192,7 +212,11 @@ class Dictionary:
                 f"{threshold!r}."
             )
         i, j, cos = near_duplicate_pairs_reference(
-            self.unit, float(threshold), tile=self.tile, max_pairs=_check_int(max_pairs, "max_pairs")
+            self.unit,
+            float(threshold),
+            tile=self.tile,
+            max_pairs=_check_int(max_pairs, "max_pairs"),
+            progress=progress,
         )
         return list(zip(i.tolist(), j.tolist(), cos.tolist(), strict=True))
 
@@ -238,14 +262,18 @@ def _as_dictionary(D: Dictionary | torch.Tensor | np.ndarray, aip: AIP | None) -
     return Dictionary(D, aip)
 
 
-def coherence(D: Dictionary | torch.Tensor | np.ndarray, aip: AIP | None = None) -> float:
+def coherence(
+    D: Dictionary | torch.Tensor | np.ndarray, aip: AIP | None = None, *, progress: Progress = False
+) -> float:
     """Mutual coherence of D, a (n_atoms, d) array (rows are atoms) or a Dictionary, under `aip` if given."""
-    return _as_dictionary(D, aip).coherence()
+    return _as_dictionary(D, aip).coherence(progress=progress)
 
 
-def babel(D: Dictionary | torch.Tensor | np.ndarray, k: int, aip: AIP | None = None) -> float:
+def babel(
+    D: Dictionary | torch.Tensor | np.ndarray, k: int, aip: AIP | None = None, *, progress: Progress = False
+) -> float:
     """Babel function mu1(k) of D, a (n_atoms, d) array (rows are atoms) or a Dictionary, under `aip`."""
-    return _as_dictionary(D, aip).babel(k)
+    return _as_dictionary(D, aip).babel(k, progress=progress)
 
 
 def welch_bound(n_atoms: int, d: int) -> float:

@@ -65,7 +65,7 @@ _PROBLEM_CACHE_SIZE = 4
 _SOLVERS = ("batched", "cvxpy", "linprog", "omp")
 # The batched solver's status for a sample it neither certified nor bounded (and did not hand to HiGHS).
 _UNPROVEN = "unsolved"
-# ... and for one where it found a feasible code of smaller l1 norm than the true code (stop_at_failure).
+# ... and for one where it found a feasible code of smaller l1 norm than the true code (use_true_codes).
 _BEATEN = "beaten"
 _WILSON_Z = float(stats.norm.ppf(0.975))
 
@@ -288,7 +288,7 @@ def basis_pursuit(
     cvxpy_solver: str = "CLARABEL",
     fallback: bool = True,
     device: str | torch.device | None = None,
-    stop_at_failure: bool = True,
+    use_true_codes: bool = True,
 ) -> RecoveryResult:
     """Solve min ||delta||_1 s.t. delta @ W_dec = m (delta >= 0 if `nonneg`) for each sample of a batch.
 
@@ -298,10 +298,10 @@ def basis_pursuit(
     solver: "batched" (default: `atoms.batched_recovery.solve_batched`, the whole batch at once in torch on
     `device` (W_dec's device when None), float64; each answer proven by a dual certificate or a duality gap,
     see `RecoveryResult.proof`; with `fallback`, samples it proves nothing about are re-solved by HiGHS),
-    With `true_codes` and `stop_at_failure`, the batched solver stops on a sample as soon as it holds a
+    With `true_codes` and `use_true_codes`, the batched solver stops on a sample as soon as it holds a
     feasible code of smaller l1 norm than the true code (status "beaten", decision "failed", the code
-    returned is that feasible code, not the minimiser): the proof a recovery experiment needs, and far
-    cheaper than solving a failed problem to optimality.
+    returned is that feasible code, not the minimiser; `atoms.batched_recovery.solve_batched`, `known`):
+    the proof a recovery experiment needs, far sooner than solving a failed problem to optimality.
     "cvxpy" (reference; `cvxpy_problem` is built once per dictionary and re-solved per sample with
     `cvxpy_solver`, Clarabel by default, whose default tolerances leave errors near 1e-8, far inside the 1e-5
     band), "linprog" (HiGHS on the split LP), or "omp" (`k` steps, or until the residual vanishes when k is
@@ -343,11 +343,11 @@ def basis_pursuit(
     Wn = W.numpy()
     proof = None
     if solver == "batched":
-        beat = None
-        if truth is not None and stop_at_failure:
-            beat = torch.linalg.vector_norm(truth[nonzero], ord=1, dim=1) / scale[nonzero]
+        known = None
+        if truth is not None and use_true_codes:
+            known = truth[nonzero] / scale[nonzero, None]
         unit_m = M[nonzero] / scale[nonzero, None]
-        solved, solved_status, proof = _solve_batched(W, unit_m, nonneg, fallback, device, beat)
+        solved, solved_status, proof = _solve_batched(W, unit_m, nonneg, fallback, device, known)
     elif solver == "cvxpy":
         solved, solved_status = _solve_cvxpy(Wn, Mn, nonneg, cvxpy_solver)
     elif solver == "linprog":
@@ -389,12 +389,12 @@ def _solve_batched(
     nonneg: bool,
     fallback: bool,
     device: str | torch.device | None,
-    beat: torch.Tensor | None,
+    known: torch.Tensor | None,
 ) -> tuple[np.ndarray, list[str], BatchedProof]:
     """The batched solver on unit rows Mn (b, d); unproven samples re-solved by HiGHS when `fallback`."""
     target = torch.device(device) if device is not None else W.device
-    beat = None if beat is None else beat.to(target)
-    solution = solve_batched(W.to(target), Mn.to(target), nonneg=nonneg, beat=beat)
+    known = None if known is None else known.to(target)
+    solution = solve_batched(W.to(target), Mn.to(target), nonneg=nonneg, known=known)
     codes = solution.codes.cpu().numpy()
     statuses = list(solution.status)
     redo = [i for i, status in enumerate(statuses) if status == "unsolved"] if fallback else []

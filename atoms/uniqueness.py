@@ -22,6 +22,7 @@ from scipy.optimize import Bounds, LinearConstraint, milp
 
 from atoms.dictionary import Dictionary
 from atoms.errors import BadInputError
+from atoms.kernels.progress import Progress
 
 __all__ = ["SparkResult", "spark", "spark_lower_bounds"]
 
@@ -69,30 +70,27 @@ def _numeric_rank(A: np.ndarray, tol: float) -> int:
     return int((s > tol * s[0]).sum())
 
 
-def spark_lower_bounds(D: torch.Tensor | np.ndarray | Dictionary) -> tuple[float, float]:
+def spark_lower_bounds(
+    D: torch.Tensor | np.ndarray | Dictionary, *, progress: Progress = False
+) -> tuple[float, float]:
     """The two classical lower bounds on spark(D) for unit-normalised atoms: (coherence, babel).
 
     coherence: ceil(1 + 1/mu) (Donoho-Elad 2003); math.inf when mu = 0 (orthogonal atoms).
     babel: min{k : mu1(k - 1) >= 1} (Tropp 2004); math.inf when mu1(n_atoms - 1) < 1, since then the Gram
     is strictly diagonally dominant and the atoms are independent.
+    Cost: two walks over the Gram in tiles, memory O(tile x n_atoms) at most (the coherence walk, skipped when
+    a Dictionary has it cached, and one Babel walk, `Dictionary.babel_crossing`). `progress`: False, True (a
+    tqdm bar on stderr per walk) or a hook(done, total) called through each walk.
     """
     dic = D if isinstance(D, Dictionary) else Dictionary(D)
     n = dic.n_atoms
     if n == 1:
         return math.inf, math.inf
-    mu = dic.coherence()
+    mu = dic.coherence(progress=progress)
     coh = math.inf if mu == 0 else float(math.ceil((1 + 1 / mu) * (1 - _SLACK)))
-    # mu1 is non-decreasing in k: bisect for the smallest k - 1 in [1, n - 1] with mu1(k - 1) >= 1.
-    if dic.babel(n - 1) < 1 - _SLACK:
-        return coh, math.inf
-    lo, hi = 1, n - 1
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if dic.babel(mid) >= 1 - _SLACK:
-            hi = mid
-        else:
-            lo = mid + 1
-    return coh, float(lo + 1)
+    # mu1 is non-decreasing in k: the smallest k - 1 in [1, n - 1] with mu1(k - 1) >= 1.
+    crossing = dic.babel_crossing(1 - _SLACK, progress=progress)
+    return coh, (math.inf if crossing is None else float(crossing + 1))
 
 
 def _enumerate(

@@ -9,6 +9,10 @@ the (AIP) cosine of atoms i and j. Three reductions share one tile walker (`_wal
 - `near_duplicate_pairs_reference`: the pairs i < j with |cos| above a threshold.
 - `babel_reference`: the Babel function mu1(k), per row tile against every column tile, keeping a running
   buffer of the k largest |cos| of each row.
+- `babel_crossing_reference`: the smallest k with mu1(k) >= a level (the Babel spark bound), in one walk.
+
+Every walk takes `progress` (False, True for a tqdm bar on stderr, or a hook(done, total); see
+kernels/progress.py) counting tiles, row tiles or launches; it never changes a result.
 
 Memory is O(tile x tile) per step (O(tile x (tile + k)) for Babel) plus the O(n) outputs.
 
@@ -89,9 +93,11 @@ import numpy as np
 import torch
 
 from .dispatch import Backend, backend, dot_in_fp32, launch, tl, triton
+from .progress import Progress, ticker
 
 __all__ = [
     "GramStats",
+    "babel_crossing_reference",
     "babel_reference",
     "gram_reduce",
     "gram_reduce_reference",
@@ -175,6 +181,12 @@ def _walk(unit: torch.Tensor, tile: int, *, upper: bool) -> Iterator[_Tile]:
                 yield _Tile(r0, c0, rows @ unit[c0 : c0 + tile].to(dtype).T, r0 == c0)
 
 
+def _n_tiles(n: int, tile: int, *, upper: bool) -> int:
+    """How many tiles `_walk` yields for n rows: T (T + 1) / 2 of the upper walk, T^2 of the full one."""
+    t = -(-n // tile)
+    return t * (t + 1) // 2 if upper else t * t
+
+
 def _diagonal_tile(rows: torch.Tensor) -> torch.Tensor:
     """(t, t) rows @ rows.T on and above the diagonal, strip by strip; the blocks left of each strip's
     diagonal block, never computed, are zeros. At d >> t the GEMM is the cost of a tile, so this saves
@@ -219,12 +231,17 @@ _CHUNK = 1 << 14
 
 @torch.no_grad()
 def gram_reduce_reference(
-    unit: torch.Tensor, *, bins: int = 100, thresholds: Sequence[float] = (), tile: int = 1024
+    unit: torch.Tensor,
+    *,
+    bins: int = 100,
+    thresholds: Sequence[float] = (),
+    tile: int = 1024,
+    progress: Progress = False,
 ) -> GramStats:
     """Max |cos|, per-atom max and partner, |cos| histogram and threshold counts of unit (n, d), in tiles.
 
     Walks only the tiles (I, J) with J >= I of G = unit @ unit.T; the diagonal tile's self-pairs are excluded.
-    Memory: O(tile x tile) per step plus O(n + bins + len(thresholds)) outputs.
+    Memory: O(tile x tile) per step plus O(n + bins + len(thresholds)) outputs. `progress` counts tiles.
     """
     _check(unit, tile)
     _check_bins(bins)
@@ -244,6 +261,7 @@ def gram_reduce_reference(
     hit = torch.empty(scaled.shape, dtype=torch.bool, device=device)
     # On and below the diagonal of a diagonal tile: the self-pairs and the second copy of each pair.
     lower = torch.ones(width, width, dtype=torch.bool, device=device).tril_()
+    bar = ticker(progress, _n_tiles(n, tile, upper=True), "coherence", "tile")
     for t in _walk(unit, tile, upper=True):
         rows, cols = t.cos.shape
         for r in range(0, rows, step):
@@ -279,6 +297,8 @@ def gram_reduce_reference(
             for k, limit in enumerate(limits):
                 if -1.0 > limit:
                     above[k] -= masked
+        bar.advance()
+    bar.close()
     if n == 1:
         best.zero_()
     return GramStats(best.max(), best, partner, histogram, edges, above)
@@ -286,13 +306,18 @@ def gram_reduce_reference(
 
 @torch.no_grad()
 def near_duplicate_pairs_reference(
-    unit: torch.Tensor, threshold: float, *, tile: int = 1024, max_pairs: int | None = None
+    unit: torch.Tensor,
+    threshold: float,
+    *,
+    tile: int = 1024,
+    max_pairs: int | None = None,
+    progress: Progress = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Pairs i < j of rows of unit (n, d) with |cos| > threshold: (i (p,) int64, j (p,) int64, cos (p,)).
 
     Sorted by (i, j); cos is signed, in the compute dtype (float64 for float64 `unit`, else float32).
     `max_pairs` bounds the result's memory: the walk stops with a ValueError as soon as more pairs than that
-    are found.
+    are found. `progress` counts tiles.
     """
     _check(unit, tile)
     n, device = unit.shape[0], unit.device
@@ -303,25 +328,39 @@ def near_duplicate_pairs_reference(
     j = torch.empty_like(i)
     cos = torch.empty(1024, dtype=_compute_dtype(unit.dtype), device=device)
     found = 0
-    for t in _walk(unit, tile, upper=True):
-        hit = t.cos.abs().to(torch.float64) > threshold
-        if t.diagonal:
-            hit &= _strict_upper(hit)
-        r, c = hit.nonzero(as_tuple=True)
-        end = found + r.shape[0]
-        if max_pairs is not None and end > max_pairs:
-            raise ValueError(
-                f"more than max_pairs={max_pairs} atom pairs have |cos| > {threshold}; raise the threshold, "
-                "or raise max_pairs if that many pairs are wanted."
-            )
-        if end > i.shape[0]:
-            i, j, cos = (_grown(buffer, found, max(2 * buffer.shape[0], end)) for buffer in (i, j, cos))
-        i[found:end] = r + t.r0
-        j[found:end] = c + t.c0
-        cos[found:end] = t.cos[r, c]
-        found = end
+    with ticker(progress, _n_tiles(n, tile, upper=True), "near duplicates", "tile") as bar:
+        for t in _walk(unit, tile, upper=True):
+            found, (i, j, cos) = _add_pairs(t, threshold, found, (i, j, cos), max_pairs)
+            bar.advance()
     order = torch.argsort(i[:found] * n + j[:found])
     return i[order], j[order], cos[order]
+
+
+def _add_pairs(
+    t: _Tile,
+    threshold: float,
+    found: int,
+    buffers: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    max_pairs: int | None,
+) -> tuple[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Append tile t's pairs above threshold to the (i, j, cos) buffers: (new count, buffers)."""
+    i, j, cos = buffers
+    hit = t.cos.abs().to(torch.float64) > threshold
+    if t.diagonal:
+        hit &= _strict_upper(hit)
+    r, c = hit.nonzero(as_tuple=True)
+    end = found + r.shape[0]
+    if max_pairs is not None and end > max_pairs:
+        raise ValueError(
+            f"more than max_pairs={max_pairs} atom pairs have |cos| > {threshold}; raise the threshold, "
+            "or raise max_pairs if that many pairs are wanted."
+        )
+    if end > i.shape[0]:
+        i, j, cos = (_grown(buffer, found, max(2 * buffer.shape[0], end)) for buffer in (i, j, cos))
+    i[found:end] = r + t.r0
+    j[found:end] = c + t.c0
+    cos[found:end] = t.cos[r, c]
+    return end, (i, j, cos)
 
 
 def _grown(buffer: torch.Tensor, used: int, size: int) -> torch.Tensor:
@@ -332,28 +371,103 @@ def _grown(buffer: torch.Tensor, used: int, size: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def babel_reference(unit: torch.Tensor, k: int, *, tile: int = 1024) -> torch.Tensor:
+def babel_reference(
+    unit: torch.Tensor, k: int, *, tile: int = 1024, progress: Progress = False
+) -> torch.Tensor:
     """Babel function mu1(k) = max_i (sum of the k largest |cos(u_i, u_j)|, j != i) of rows of unit (n, d).
 
     Returns a () tensor in the compute dtype (float64 for float64 `unit`, else float32). Each row tile meets
     every column tile and keeps the k largest |cos| of each of its rows so far: memory O(tile x (tile + k)).
+    `progress` counts row tiles.
     """
     _check(unit, tile)
     n = unit.shape[0]
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n - 1:
         raise ValueError(f"k must be an int in [1, n - 1] = [1, {n - 1}] (other atoms per row), got {k!r}.")
     result = torch.tensor(float("-inf"), dtype=_compute_dtype(unit.dtype), device=unit.device)
-    for _, row_tiles in groupby(_walk(unit, tile, upper=False), key=attrgetter("r0")):
-        top = None
-        for t in row_tiles:
-            a = t.cos.abs()
-            if t.diagonal:
-                # -inf never makes the top k: each row has n - 1 >= k real values by the end of its walk.
-                a.fill_diagonal_(float("-inf"))
-            pool = a if top is None else torch.cat([top, a], dim=1)
-            top = pool.topk(min(k, pool.shape[1]), dim=1, sorted=False).values
-        torch.maximum(result, top.sum(dim=1).max(), out=result)
+    with ticker(progress, -(-n // tile), f"babel({k})", "row tile") as bar:
+        for _, row_tiles in groupby(_walk(unit, tile, upper=False), key=attrgetter("r0")):
+            top = None
+            for t in row_tiles:
+                a = t.cos.abs()
+                if t.diagonal:
+                    # -inf never makes the top k: each row has n - 1 >= k real values by the end of its walk.
+                    a.fill_diagonal_(float("-inf"))
+                pool = a if top is None else torch.cat([top, a], dim=1)
+                top = pool.topk(min(k, pool.shape[1]), dim=1, sorted=False).values
+            torch.maximum(result, top.sum(dim=1).max(), out=result)
+            bar.advance()
     return result
+
+
+# First width of the running top-|cos| buffer of `babel_crossing_reference`. Random atoms cross mu1(k) = 1 at
+# k of about 10-30 (65536 Gaussian atoms in d = 2304: k = 13), so one walk with this width usually suffices.
+CROSSING_WIDTH = 64
+
+
+@torch.no_grad()
+def babel_crossing_reference(
+    unit: torch.Tensor,
+    level: float,
+    *,
+    tile: int = 1024,
+    width: int = CROSSING_WIDTH,
+    progress: Progress = False,
+) -> int | None:
+    """Smallest k in [1, n - 1] with mu1(k) >= level for the rows of unit (n, d); None if mu1(n - 1) < level.
+
+    mu1(k) >= level exactly when some row's k largest |cos| (j != i) sum to >= level, so the answer is the
+    minimum over rows i of k_i, the length of row i's shortest prefix of sorted |cos| reaching `level`: one
+    walk of the Gram, where bisecting on `babel_reference` takes about log2(n) walks. Each row tile keeps
+    the `width` largest |cos| of its rows (only k_i below the best k so far matters) and the sum of all of
+    them; a tile none of whose rows reaches `level` within `width`, although some row's full sum does, is
+    walked again with 8 times the width (never for random atoms at the default 64). Memory O(tile x (tile +
+    width)), at most O(tile x n). `progress` counts row tiles. Sums are taken in a different order than in
+    `babel_reference`, so a row sum within a few ulp of `level` may be judged differently.
+    """
+    _check(unit, tile)
+    n = unit.shape[0]
+    if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+        raise ValueError(f"width must be a positive int (|cos| kept per row), got {width!r}.")
+    dtype = _compute_dtype(unit.dtype)
+    best = n  # the answer is at most n - 1; n means "not reached yet"
+    with ticker(progress, -(-n // tile), "babel crossing", "row tile") as bar:
+        for r0 in range(0, n, tile):
+            rows = unit[r0 : r0 + tile].to(dtype)
+            while best > 1:
+                keep = min(width, best - 1, n - 1)  # only rows with k_i < best can lower it
+                top, total = _top_abs_cos(unit, rows, r0, keep, tile)
+                reach = top.sort(dim=1, descending=True).values.cumsum(dim=1) >= level
+                hit = reach.any(dim=1)
+                if bool(hit.any()):
+                    # argmax of a bool row is its first True: k_i - 1. Rows without a hit have k_i > keep.
+                    first = reach.to(torch.uint8).argmax(dim=1)
+                    best = min(best, int(first[hit].min()) + 1)
+                    break
+                if keep >= min(best - 1, n - 1) or not bool((total >= level).any()):
+                    break
+                width *= 8
+            bar.advance()
+    return None if best == n else best
+
+
+def _top_abs_cos(
+    unit: torch.Tensor, rows: torch.Tensor, r0: int, keep: int, tile: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `keep` largest |cos| of each of `rows` (atoms r0, r0 + 1, ...) against every other atom (t, keep),
+    unsorted, and the sum of all of them (t,)."""
+    total = torch.zeros(rows.shape[0], dtype=rows.dtype, device=rows.device)
+    top = None
+    for c0 in range(0, unit.shape[0], tile):
+        a = (rows @ unit[c0 : c0 + tile].to(rows.dtype).T).abs_()
+        if c0 == r0:
+            # 0, not -inf: if a row's self-entry makes its top `keep`, every entry left out is 0 as well,
+            # so the top sums are unchanged; the full sum needs a finite value.
+            a.fill_diagonal_(0.0)
+        total += a.sum(dim=1)
+        pool = a if top is None else torch.cat([top, a], dim=1)
+        top = pool.topk(min(keep, pool.shape[1]), dim=1, sorted=False).values
+    return top, total
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -546,9 +660,17 @@ def _kernel_limits(limits: Sequence[float], dtype: torch.dtype, device: torch.de
     return torch.where(t32.double() > t64, torch.nextafter(t32, torch.full_like(t32, -1.0)), t32)
 
 
-def _launch(unit: torch.Tensor, bins: int, limits: Sequence[float], precision: Precision, mode: Backend):
+def _launch(
+    unit: torch.Tensor,
+    bins: int,
+    limits: Sequence[float],
+    precision: Precision,
+    mode: Backend,
+    progress: Progress = False,
+):
     """Run the kernel over every tile pair, band by band of row tiles, merging each band's partial maxima
-    into the per-atom maxima: (best (n,), partner (n,) int64, histogram (bins,), counts (len(limits),))."""
+    into the per-atom maxima: (best (n,), partner (n,) int64, histogram (bins,), counts (len(limits),)).
+    `progress` counts bands (one launch each)."""
     n, d = unit.shape
     device = unit.device
     dtype = _compute_dtype(unit.dtype)
@@ -564,6 +686,7 @@ def _launch(unit: torch.Tensor, bins: int, limits: Sequence[float], precision: P
     above = torch.zeros(len(limits) + 1, dtype=torch.int64, device=device)  # + 1: never a 0-size buffer
     tiles = torch.arange(n_tiles, device=device)
     atom_tile = torch.arange(n, device=device) // b.block
+    bar = ticker(progress, -(-n_groups // band_groups), "coherence", "band")
     for s0 in range(0, n_groups, band_groups):
         s1 = min(n_groups, s0 + band_groups)
         t0, t1 = s0 * b.group, min(n_tiles, s1 * b.group)
@@ -610,6 +733,8 @@ def _launch(unit: torch.Tensor, bins: int, limits: Sequence[float], precision: P
         col_max.masked_fill_(tiles[t0:t1, None] >= atom_tile[None, i0:], -2.0)
         _merge(best, partner, i0, row_max, row_idx)
         _merge(best, partner, i0, col_max, col_idx)
+        bar.advance()
+    bar.close()
     return best, partner, hist, above[: len(limits)]
 
 
@@ -646,6 +771,7 @@ def gram_reduce(
     thresholds: Sequence[float] = (),
     tile: int = 1024,
     precision: Precision = "ieee",
+    progress: Progress = False,
 ) -> GramStats:
     """Max |cos|, per-atom max and partner, |cos| histogram and threshold counts of unit (n, d), in tiles.
 
@@ -658,6 +784,8 @@ def gram_reduce(
             power-of-two blocks.
         precision: float32 products on the Triton path, "ieee" (exact fp32, FMA) or "tf32x3" (three TF32
             tensor-core products, ~3 * 2**-22 extra error per product; see the module docstring).
+        progress: False, True (a tqdm bar on stderr) or a hook(done, total) (kernels/progress.py), counting
+            tiles on the torch path and launches (bands of row tiles) on the Triton path.
 
     Returns:
         GramStats (module docstring for the exact semantics), the same on every path up to the summation
@@ -677,7 +805,7 @@ def gram_reduce(
         )
     mode = backend(unit)
     if mode == "torch" or bins > MAX_KERNEL_BINS:
-        return gram_reduce_reference(unit, bins=bins, thresholds=thresholds, tile=tile)
+        return gram_reduce_reference(unit, bins=bins, thresholds=thresholds, tile=tile, progress=progress)
     if unit.dtype not in _KERNEL_DTYPES:
         raise TypeError(
             f"unit has dtype {unit.dtype}; the Triton kernel takes float64, float32, float16 or bfloat16 "
@@ -686,7 +814,7 @@ def gram_reduce(
     if unit.shape[0] >= 2**31:
         raise ValueError(f"unit has {unit.shape[0]} atoms; at most 2**31 - 1 are supported, split it.")
     limits = [float(t) for t in thresholds]
-    best, partner, hist, above = _launch(unit, bins, limits, precision, mode)
+    best, partner, hist, above = _launch(unit, bins, limits, precision, mode, progress)
     if unit.shape[0] == 1:  # no pair: the -1 placeholders become the documented 0 and -1
         best.zero_()
         partner.fill_(-1)

@@ -95,11 +95,11 @@ def test_failures_stop_early_with_a_feasible_code_that_beats_the_truth(nonneg):
 
 
 def test_failed_recoveries_are_proven_optima_of_another_code():
-    """Past the transition the truth is not the minimiser: solved to the end (stop_at_failure off), the
+    """Past the transition the truth is not the minimiser: solved to the end (use_true_codes off), the
     batched answer has a smaller l1 norm than the truth, equal to HiGHS's optimum, and is certified (or
     gap-bounded) as optimal."""
     W, X, M = gaussian_problem(200, 40, 30, 8, False, seed=3)
-    ours = basis_pursuit(W, M, true_codes=X, stop_at_failure=False)
+    ours = basis_pursuit(W, M, true_codes=X, use_true_codes=False)
     highs = basis_pursuit(W, M, solver="linprog")
     assert ours.counts["failed"] == 8, ours.reasons
     ours_l1 = ours.codes.abs().sum(dim=1)
