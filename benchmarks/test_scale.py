@@ -72,12 +72,19 @@ def _inputs(size: str) -> tuple[torch.Tensor, AIP]:
     return torch.randn(n, D, generator=gen, dtype=torch.float64), AIP.from_moment(C)
 
 
-@functools.lru_cache(maxsize=1)
+# Dictionaries whose coherence statistics are computed, by size: the coherence step leaves its own here, so
+# a process that runs every step walks the Gram for coherence once.
+_built: dict[str, Dictionary] = {}
+
+
 def _dictionary(size: str) -> Dictionary:
     """The Dictionary of `_inputs`, its coherence statistics computed (cached inside it)."""
-    dic = Dictionary(*_inputs(size))
-    dic.coherence()
-    return dic
+    if size not in _built:
+        _built.clear()
+        dic = Dictionary(*_inputs(size))
+        dic.coherence()
+        _built[size] = dic
+    return _built[size]
 
 
 @functools.lru_cache(maxsize=1)
@@ -88,30 +95,35 @@ def _codes(size: str) -> tuple[torch.Tensor, torch.Tensor]:
     return idx, torch.randn(N_CODES, K_ACTIVE, generator=gen, dtype=torch.float64)
 
 
-def scale_step(step: str, size: str) -> Callable[[], object]:
+def scale_step(step: str, size: str, progress: bool = False) -> Callable[[], object]:
     """The work of `step` at `size` as a zero-argument callable (its inputs built first); the peak-memory
-    child's factory."""
+    child's factory. progress: tqdm bars on stderr (the one-process run at the end of this file)."""
     if step == "coherence":
         W, aip = _inputs(size)
 
         def coherence():
             dic = Dictionary(W, aip)
-            return dic.coherence(), dic.max_coherence(), dic.cos_histogram()
+            out = dic.coherence(progress=progress), dic.max_coherence(), dic.cos_histogram()
+            _built.clear()
+            _built[size] = dic
+            return out
 
         return coherence
     dic = _dictionary(size)
     if step == "spark":
-        return lambda: spark_lower_bounds(dic)
+        return lambda: spark_lower_bounds(dic, progress=progress)
     idx, vals = _codes(size)
     if step == "q*":
 
         def stability():
-            mu, l0 = per_sample_coherence(dic, idx, vals)
+            mu, l0 = per_sample_coherence(dic, idx, vals, progress=progress)
             return q_star(mu, l0), q_star(mu, l0, form="per_sample")
 
         return stability
     if step == "certified":
-        return lambda: certified_fractions(dic, idx, vals, erc_samples=ERC_SAMPLES, bp_samples=0)
+        return lambda: certified_fractions(
+            dic, idx, vals, erc_samples=ERC_SAMPLES, bp_samples=0, progress=progress
+        )
     raise ValueError(f"unknown step {step!r}; use one of {STEPS}")
 
 
@@ -250,3 +262,40 @@ def test_capture_scale(benchmark, summary, measure_peak_memory, tokens):
         "256, batch 16; the activations would be 256 MB per layer at 1M tokens if held in memory.",
     )
     summary.note(CAPTURE_TABLE, f"Peak MiB: {measure_peak_memory.method}.")
+
+
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def run_once(size: str) -> None:
+    """Every dictionary step at `size` once, in this process, with progress bars: time and peak memory.
+
+    For sizes where the pytest run (a timed round plus a separate peak-memory child per step) takes hours:
+    `MALLOC_MMAP_THRESHOLD_=65536 python benchmarks/test_scale.py 64k`. The peak of a step is the resident
+    set's high-water mark (reset through /proc/self/clear_refs before it) minus the resident set before it;
+    the environment variable makes freed blocks of 64 KiB or more return to the OS, as in conftest.
+    """
+    import time
+
+    n = SIZES[size]
+    print("| n_atoms x d | step | s | peak MiB | load avg (1 min) |\n|---|---|---|---|---|", flush=True)
+    for step in STEPS:
+        run = scale_step(step, size, progress=True)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        base, load, start = _status_bytes("VmRSS"), os.getloadavg()[0], time.perf_counter()
+        run()
+        seconds, peak = time.perf_counter() - start, _status_bytes("VmHWM") - base
+        print(
+            f"| {n} x {D} | {step} | {seconds:.1f} | {_mib(peak)} | {load:.1f}-{os.getloadavg()[0]:.1f} |",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    run_once(sys.argv[1] if len(sys.argv) > 1 else "64k")
