@@ -172,6 +172,16 @@ def _peak(key: str, variant: str, factory: str, calls: list[list], names: list[s
     return _peaks[key][variant]
 
 
+def _time_once(benchmark, run: Callable[[], object]) -> tuple[float, tuple, tuple] | None:
+    """One timed round of `run`: (seconds, load averages before, after); None when timing is disabled."""
+    load_before = os.getloadavg()
+    benchmark.pedantic(run, rounds=1, warmup_rounds=0, iterations=1)
+    load_after = os.getloadavg()
+    if benchmark.disabled:
+        return None
+    return benchmark.stats.stats.min, load_before, load_after
+
+
 def _mib(value: int | None) -> str:
     return "n/a" if value is None else f"{value / 2**20:.0f}"
 
@@ -183,14 +193,10 @@ def test_dictionary_scale(benchmark, summary, measure_peak_memory, full, size, s
         pytest.skip(f"{SIZES[size]} x {D} runs under --full (walks grow as n_atoms^2; over an hour at 65536)")
     n = SIZES[size]
     benchmark.group = f"scale {n}x{D}"
-    run = scale_step(step, size)
-    load_before = os.getloadavg()
-    benchmark.pedantic(run, rounds=1, warmup_rounds=0, iterations=1)
-    load_after = os.getloadavg()
-    if benchmark.disabled:
+    timed = _time_once(benchmark, scale_step(step, size))
+    if timed is None:
         return
-    del run
-    seconds = benchmark.stats.stats.min
+    seconds, load_before, load_after = timed
     peak = _peak(size, step, "scale_step", [[s, size] for s in STEPS], list(STEPS), measure_peak_memory)
     atoms_bytes = n * D * 8
     benchmark.extra_info.update(
@@ -228,14 +234,10 @@ def test_dictionary_scale(benchmark, summary, measure_peak_memory, full, size, s
 @pytest.mark.parametrize("tokens", list(TOKENS))
 def test_capture_scale(benchmark, summary, measure_peak_memory, tokens):
     benchmark.group = "scale capture"
-    run = capture_step(tokens)
-    load_before = os.getloadavg()
-    benchmark.pedantic(run, rounds=1, warmup_rounds=0, iterations=1)
-    load_after = os.getloadavg()
-    if benchmark.disabled:
+    timed = _time_once(benchmark, capture_step(tokens))
+    if timed is None:
         return
-    del run
-    seconds = benchmark.stats.stats.min
+    seconds, load_before, load_after = timed
     calls = [[t] for t in TOKENS]
     peak = _peak("capture", tokens, "capture_step", calls, list(TOKENS), measure_peak_memory)
     benchmark.extra_info.update(
