@@ -21,6 +21,7 @@ from atoms.kernels.aip_gram import (
     GramStats,
     babel_crossing_reference,
     babel_reference,
+    default_tile,
     gram_reduce,
     near_duplicate_pairs_reference,
 )
@@ -81,16 +82,19 @@ class Dictionary:
             to unit norm when aip is None); their dot products are the AIP cosines.
         norms: (n_atoms,) float64, the AIP norms sqrt(w^T C^{-1} w) of the raw atoms (Euclidean without an
             AIP), taken before the normalisation.
-        aip: the AIP or None. tile: rows per Gram tile (memory O(tile x n_atoms)).
+        aip: the AIP or None. tile: rows per Gram tile (memory O(tile x n_atoms); None: 1024, or 2048 from
+            8192 atoms on, `atoms.kernels.aip_gram.default_tile`).
 
     Zero atoms (norm 0 or below 1e-12 times the median norm) and NaN/Inf atoms raise BadInputError naming
     their rows. The statistics of the default histogram pass are computed once and cached (a cached answer
     reports no progress).
     """
 
-    def __init__(self, W_dec: torch.Tensor | np.ndarray, aip: AIP | None = None, *, tile: int = 1024) -> None:
+    def __init__(
+        self, W_dec: torch.Tensor | np.ndarray, aip: AIP | None = None, *, tile: int | None = None
+    ) -> None:
         raw = _as_atoms(W_dec)
-        tile = _check_int(tile, "tile")
+        tile = default_tile(raw.shape[0]) if tile is None else _check_int(tile, "tile")
         if tile < 1:
             raise BadInputError(f"tile must be >= 1 (rows of the Gram matrix per step), got {tile}.")
         if aip is not None and not isinstance(aip, AIP):

@@ -99,6 +99,7 @@ __all__ = [
     "GramStats",
     "babel_crossing_reference",
     "babel_reference",
+    "default_tile",
     "gram_reduce",
     "gram_reduce_reference",
     "near_duplicate_pairs_reference",
@@ -229,20 +230,33 @@ def _update_max(
 _CHUNK = 1 << 14
 
 
+def default_tile(n: int) -> int:
+    """Rows per tile for n atoms on the torch path: 1024, or 2048 from 8192 atoms on.
+
+    A diagonal tile computes its whole square for half the pairs, so the waste is about tile / (2 n) of the
+    walk; larger tiles make larger, faster GEMMs. Measured on 2 idle cores at d = 2304 (float64, against a
+    GEMM of the same FLOPs): 4096 atoms 1.31x at 1024 and 1.46x at 2048; 16384 atoms 1.32x at 1024, 1.23x at
+    2048, 1.29x at 4096. A 2048 tile is 32 MiB of float64.
+    """
+    return 1024 if n < 8192 else 2048
+
+
 @torch.no_grad()
 def gram_reduce_reference(
     unit: torch.Tensor,
     *,
     bins: int = 100,
     thresholds: Sequence[float] = (),
-    tile: int = 1024,
+    tile: int | None = None,
     progress: Progress = False,
 ) -> GramStats:
     """Max |cos|, per-atom max and partner, |cos| histogram and threshold counts of unit (n, d), in tiles.
 
     Walks only the tiles (I, J) with J >= I of G = unit @ unit.T; the diagonal tile's self-pairs are excluded.
-    Memory: O(tile x tile) per step plus O(n + bins + len(thresholds)) outputs. `progress` counts tiles.
+    Memory: O(tile x tile) per step plus O(n + bins + len(thresholds)) outputs. tile None: `default_tile`.
+    `progress` counts tiles.
     """
+    tile = default_tile(unit.shape[0]) if tile is None else tile
     _check(unit, tile)
     _check_bins(bins)
     n, device = unit.shape[0], unit.device
@@ -769,7 +783,7 @@ def gram_reduce(
     *,
     bins: int = 100,
     thresholds: Sequence[float] = (),
-    tile: int = 1024,
+    tile: int | None = None,
     precision: Precision = "ieee",
     progress: Progress = False,
 ) -> GramStats:
@@ -780,8 +794,8 @@ def gram_reduce(
             (not checked here); a numpy array is accepted.
         bins: equal bins of the |cos| histogram over [0, 1].
         thresholds: count the unordered pairs with |cos| > each of these.
-        tile: rows per tile on the torch path (its memory is O(tile**2)); the Triton kernel picks its own
-            power-of-two blocks.
+        tile: rows per tile on the torch path (its memory is O(tile**2); None: `default_tile`); the Triton
+            kernel picks its own power-of-two blocks.
         precision: float32 products on the Triton path, "ieee" (exact fp32, FMA) or "tf32x3" (three TF32
             tensor-core products, ~3 * 2**-22 extra error per product; see the module docstring).
         progress: False, True (a tqdm bar on stderr) or a hook(done, total) (kernels/progress.py), counting
@@ -796,6 +810,8 @@ def gram_reduce(
     """
     if isinstance(unit, np.ndarray):
         unit = torch.from_numpy(unit)
+    if tile is None and isinstance(unit, torch.Tensor) and unit.ndim == 2:
+        tile = default_tile(unit.shape[0])
     _check(unit, tile)
     _check_bins(bins)
     if precision not in ("ieee", "tf32x3"):
