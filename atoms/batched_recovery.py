@@ -92,10 +92,10 @@ class BatchedSolution(NamedTuple):
     codes (B, n_atoms): the polished code when certified, else ADMM's last feasible iterate (NaN for an
     infeasible m). status: "optimal" (the code is proven the unique minimiser), "converged" (proven optimal to
     `gap_tol`), "beaten" (a feasible code below the known one's l1 norm, see solve_batched), "infeasible"
-    (m is not in the
-    span of the atoms) or "unsolved" (neither, after max_iter).
-    duals (B, d): the certificate y (NaN when none). max_off (B,): max over atoms off the support of |W_j y|
-    (W_j y when nonneg); < 1 is the certificate's strict inequality. gaps (B,): relative duality gap
+    (m is not in the span of the atoms) or "unsolved" (neither, after max_iter).
+    duals (B, d): the certificate y (NaN when none). max_off (B,): for an "optimal" sample, max over atoms
+    off the support of |W_j y| (W_j y when nonneg), the certificate's strict inequality < 1; for the others,
+    the same max over all atoms. gaps (B,): relative duality gap
     (p - q) / p. iterations (B,): ADMM iterations spent on each sample.
     """
 
@@ -128,7 +128,7 @@ def _shrink(w: torch.Tensor, threshold: torch.Tensor, nonneg: bool) -> torch.Ten
     if nonneg:
         return (w - threshold).clamp_min_(0.0)
     # w - clip(w, -t, t): two passes over the batch instead of sign, abs, clamp and a product.
-    return w - torch.minimum(torch.maximum(w, -threshold), threshold)
+    return w - torch.clamp(w, -threshold, threshold)
 
 
 def _least_squares_dual(f: _Factor, g: torch.Tensor) -> torch.Tensor:
@@ -141,6 +141,7 @@ class _Polished(NamedTuple):
     duals: torch.Tensor  # (b, d)
     max_off: torch.Tensor  # (b,)
     gaps: torch.Tensor  # (b,)
+    bound: torch.Tensor  # (b,) the dual lower bound q of `duals` (see _dual_bound)
     feasible: torch.Tensor  # (b,) bool: the code satisfies delta @ W = m (and delta >= 0)
     certified: torch.Tensor  # (b,) bool
 
@@ -206,11 +207,12 @@ def _polish(
         gap_s = s - (A @ start[:, :, None]).squeeze(-1) * valid
         y = start + (torch.cholesky_solve(gap_s[..., None], chol).transpose(1, 2) @ A).squeeze(1)
         equality = ((A @ y[:, :, None]).squeeze(-1) - s).abs().mul_(valid).amax(dim=1)
-        inner = y @ W.T
-        off = inner if nonneg else inner.abs()
+        off = y @ W.T
+        if not nonneg:
+            off.abs_()
         max_off = off.masked_fill(on_support, -torch.inf).amax(dim=1)
         ok = feasible & (equality <= _EQUALITY) & (max_off < 1)
-        candidate = (y, max_off, ok)
+        candidate = (y, max_off, ok, _dual_bound(off, y, M))
         if best is None:
             best = candidate
         else:
@@ -221,17 +223,16 @@ def _polish(
                 torch.where(take[:, None] if new.ndim == 2 else take, new, old)
                 for old, new in zip(best, candidate, strict=True)
             )
-    y, max_off, certified = best
+    y, max_off, certified, bound = best
     p = codes.abs().sum(dim=1)
-    gaps = (p - _dual_bound(W, y, M, nonneg)) / p.clamp_min(torch.finfo(W.dtype).tiny)
-    return _Polished(codes, y, max_off, gaps, feasible, certified)
+    gaps = (p - bound) / p.clamp_min(torch.finfo(W.dtype).tiny)
+    return _Polished(codes, y, max_off, gaps, bound, feasible, certified)
 
 
-def _dual_bound(W: torch.Tensor, y: torch.Tensor, M: torch.Tensor, nonneg: bool) -> torch.Tensor:
-    """q = (y / max(1, t)) . m (b,), t = max_j |W_j y| (W_j y when nonneg): a lower bound on the optimum."""
-    inner = y @ W.T
-    t = (inner if nonneg else inner.abs()).amax(dim=1).clamp_min(1.0)
-    return (y * M).sum(dim=1) / t
+def _dual_bound(off: torch.Tensor, y: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
+    """q = (y / max(1, t)) . m (b,), t = max_j off_j, where off (b, n_atoms) holds |W_j y| (W_j y when
+    nonneg): y / max(1, t) is dual feasible, so q is a lower bound on the optimum (weak duality)."""
+    return (y * M).sum(dim=1) / off.amax(dim=1).clamp_min(1.0)
 
 
 def solve_batched(
@@ -288,7 +289,7 @@ def _solve(
 
     rows = (outside <= _FEASIBLE).nonzero().flatten()  # original indices of the samples still iterating
     m, x_min = M[rows], x0[rows]
-    z = _shrink(x_min.clone(), torch.zeros(1, dtype=W.dtype, device=W.device), nonneg)
+    z = x_min.clamp_min(0.0) if nonneg else x_min.clone()
     u = torch.zeros_like(z)
     # rho starts at a multiple of n_atoms / ||x0||_1: the first threshold 1 / rho is then a fraction of the
     # mean |entry| of the minimum-norm solution x0.
@@ -440,13 +441,17 @@ def _finish_uncertified(
     use = ~(p <= p_pol)  # a NaN p (x not non-negative) prefers the polished code
     best = torch.where(use[:, None], polished.codes, primal)
     p = torch.where(use, p_pol, p)
-    q, q_pol = _dual_bound(W, y0, m, nonneg), _dual_bound(W, polished.duals, m, nonneg)
-    y = torch.where((q_pol > q)[:, None], polished.duals, y0)
-    q = torch.maximum(q, q_pol)
+    off = y0 @ W.T
+    if not nonneg:
+        off.abs_()
+    q = _dual_bound(off, y0, m)
+    take = polished.bound > q
+    y = torch.where(take[:, None], polished.duals, y0)
+    q = torch.maximum(q, polished.bound)
     gap = (p - q) / p.clamp_min(torch.finfo(W.dtype).tiny)
-    inner = y @ W.T
     codes[rows] = best
     duals[rows] = y
+    inner = y @ W.T
     max_off[rows] = (inner if nonneg else inner.abs()).amax(dim=1)
     gaps[rows] = gap
     for i, g in zip(rows.tolist(), gap.tolist(), strict=True):
