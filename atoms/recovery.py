@@ -339,14 +339,14 @@ def basis_pursuit(
             )
     scale = torch.linalg.vector_norm(M, dim=1)
     nonzero = scale > 0
-    Mn = (M[nonzero] / scale[nonzero, None]).numpy()
+    unit_m = M[nonzero] / scale[nonzero, None]
+    Mn = unit_m.numpy()
     Wn = W.numpy()
     proof = None
     if solver == "batched":
         known = None
         if truth is not None and use_true_codes:
             known = truth[nonzero] / scale[nonzero, None]
-        unit_m = M[nonzero] / scale[nonzero, None]
         solved, solved_status, proof = _solve_batched(W, unit_m, nonneg, fallback, device, known)
     elif solver == "cvxpy":
         solved, solved_status = _solve_cvxpy(Wn, Mn, nonneg, cvxpy_solver)
