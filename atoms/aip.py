@@ -513,8 +513,11 @@ class AIP:
         """
         x, L = self._factor(x)
         rows = x.reshape(-1, self.d)
-        # Row layout: X~ = X L^{-T}, i.e. solve X~ L^T = X with L^T upper triangular.
-        z = torch.linalg.solve_triangular(L.T, rows, upper=True, left=False)
+        # Row layout: X~ = X L^{-T}, i.e. X~^T = L^{-1} X^T. Solved on the left so that LAPACK's column-major
+        # output, transposed back, is row-major: a right-hand solve returns X~ column-major, and every row
+        # slice of it (the Gram tiles of atoms.Dictionary) is then a strided matrix that made each tile GEMM
+        # about 20 % slower at 16384 x 2304.
+        z = torch.linalg.solve_triangular(L, rows.T, upper=False).T
         return z.reshape(x.shape)
 
     def unwhiten(self, z: torch.Tensor | np.ndarray) -> torch.Tensor:

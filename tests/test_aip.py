@@ -241,6 +241,14 @@ def test_whiten_dtypes_and_unwhiten(dtype, out):
     np.testing.assert_allclose(back.reshape(-1, 6).double().numpy(), xb, rtol=tol, atol=tol)
 
 
+def test_whiten_returns_row_major_rows():
+    """Row slices of whitened atoms are the Gram tiles of atoms.Dictionary: a column-major result (what a
+    right-hand triangular solve gives) makes every tile a strided matrix and each tile GEMM slower."""
+    x = torch.from_numpy(activations(200, 6, 3))
+    z = AIP.fit(x).whiten(x[:50])
+    assert z.is_contiguous(), z.stride()
+
+
 # --- AIP: the least-squares view of SPEC section 1 ---------------------------------------------------------
 
 

@@ -25,7 +25,12 @@ from torch.utils._pytree import tree_leaves
 from atoms.aip import AIP
 from atoms.dictionary import Dictionary, babel, coherence, welch_bound
 from atoms.errors import AtomsError, BadInputError
-from atoms.kernels.aip_gram import babel_reference, gram_reduce_reference, near_duplicate_pairs_reference
+from atoms.kernels.aip_gram import (
+    babel_crossing_reference,
+    babel_reference,
+    gram_reduce_reference,
+    near_duplicate_pairs_reference,
+)
 
 TOL = 1e-12
 AIP_TOL = 1e-10  # the dense reference's own error grows with cond(C); random_spd keeps cond(C) below ~10
@@ -336,6 +341,41 @@ class LargestTensor(TorchDispatchMode):
         sizes = [t.numel() for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
         self.largest = max([self.largest, *sizes])
         return out
+
+
+class MatmulOperands(TorchDispatchMode):
+    """Records the (shape, stride) of every 2-D operand of the matrix products run while active."""
+
+    PRODUCTS = frozenset({torch.ops.aten.mm.default, torch.ops.aten.mm.out, torch.ops.aten.addmm.default})
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.operands: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in self.PRODUCTS:
+            self.operands += [(tuple(a.shape), a.stride()) for a in args if isinstance(a, torch.Tensor)]
+        return func(*args, **(kwargs or {}))
+
+
+def test_tile_products_take_dense_operands_from_a_column_major_unit():
+    """A row slice of a column-major (n, d) matrix has strides (1, n): BLAS reads it with a leading dimension
+    of n instead of its own rows, which made the 16384 x 2304 walk 1.65x the GEMM floor instead of 1.38x.
+    Every product of every walk must get row-major (r, c) or transposed-row-major operands, strides (c, 1)
+    or (1, r)."""
+    n, d, tile = 130, 5, 40
+    unit = torch.nn.functional.normalize(torch.randn(n, d, dtype=torch.float64), dim=1).T.contiguous().T
+    assert unit.stride() == (1, n)
+    with MatmulOperands() as mode:
+        gram_reduce_reference(unit, thresholds=(0.5,), tile=tile)
+        near_duplicate_pairs_reference(unit, 0.99, tile=tile)
+        babel_reference(unit, 3, tile=tile)
+        babel_crossing_reference(unit, 1.0, tile=tile)
+    assert mode.operands
+    loose = [
+        (shape, stride) for shape, stride in mode.operands if stride not in {(shape[1], 1), (1, shape[0])}
+    ]
+    assert not loose, loose
 
 
 def test_no_op_builds_more_than_a_tile():
