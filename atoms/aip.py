@@ -347,6 +347,18 @@ def _suggest_ridge(eig: torch.Tensor, trace_over_d: float, max_condition: float)
     return 10.0 ** max(-6, math.ceil(math.log10(max(needed, 1e-300))))
 
 
+def whiten_rows(rows: torch.Tensor, cholesky: torch.Tensor) -> torch.Tensor:
+    """X~ = X L^{-T} for rows X (n, d) and the lower Cholesky factor L (d, d) of the second moment, in their
+    (shared) dtype; row-major (n, d).
+
+    Solved as X~^T = L^{-1} X^T, on the left, so that LAPACK's column-major output transposed back is
+    row-major. A right-hand solve returns X~ column-major; every row slice of that (the Gram tiles of
+    atoms.Dictionary, the row blocks of the CPU encoder) is a strided matrix, which made each 2048-row tile
+    GEMM about 20 % slower at 16384 x 2304.
+    """
+    return torch.linalg.solve_triangular(cholesky, rows.T, upper=False).T
+
+
 class AIP:
     """Atomic inner product x^T C^{-1} y, held as the lower Cholesky factor L of C (d, d) float64.
 
@@ -513,12 +525,7 @@ class AIP:
         """
         x, L = self._factor(x)
         rows = x.reshape(-1, self.d)
-        # Row layout: X~ = X L^{-T}, i.e. X~^T = L^{-1} X^T. Solved on the left so that LAPACK's column-major
-        # output, transposed back, is row-major: a right-hand solve returns X~ column-major, and every row
-        # slice of it (the Gram tiles of atoms.Dictionary) is then a strided matrix that made each tile GEMM
-        # about 20 % slower at 16384 x 2304.
-        z = torch.linalg.solve_triangular(L, rows.T, upper=False).T
-        return z.reshape(x.shape)
+        return whiten_rows(rows, L).reshape(x.shape)
 
     def unwhiten(self, z: torch.Tensor | np.ndarray) -> torch.Tensor:
         """Inverse of whiten: x = L z for rows z (..., d); same dtype rules as whiten."""

@@ -37,7 +37,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from atoms.aip import AIP
+from atoms.aip import AIP, whiten_rows
 from atoms.errors import BadInputError, as_float_tensor
 from atoms.kernels.threshold_encoder import threshold_encode
 
@@ -175,8 +175,7 @@ class SparseAutoencoder(nn.Module, ABC):
     def _scaled(self, raw: torch.Tensor) -> torch.Tensor:
         """u = s L^{-1} x for rows raw (n, d) in the compute dtype; returned in the parameters' dtype."""
         if self.aip is not None:
-            # Row layout: x~ = x L^{-T}, the solve x~ L^T = x with L^T upper triangular.
-            raw = torch.linalg.solve_triangular(self._cholesky(raw).T, raw, upper=True, left=False)
+            raw = whiten_rows(raw, self._cholesky(raw))
         return (raw * self.input_scale).to(self.dtype)
 
     def _unscaled(self, u: torch.Tensor) -> torch.Tensor:
@@ -230,8 +229,7 @@ class SparseAutoencoder(nn.Module, ABC):
         raw = as_float_tensor(activations, "activations", d=self.d, dtype=torch.float64).reshape(-1, self.d)
         whitened = raw
         if self.aip is not None:
-            L = self.aip.cholesky.to(raw.device)
-            whitened = torch.linalg.solve_triangular(L.T, raw, upper=True, left=False)
+            whitened = whiten_rows(raw, self.aip.cholesky.to(raw.device))
         ms_white = float(whitened.pow(2).sum(-1).mean())
         ms_raw = float(raw.pow(2).sum(-1).mean())
         if ms_white == 0 or ms_raw == 0:
@@ -272,7 +270,7 @@ class SparseAutoencoder(nn.Module, ABC):
             )
         w = atoms.cpu()
         if self.aip is not None:
-            w = torch.linalg.solve_triangular(self.aip.cholesky.T, w, upper=True, left=False)
+            w = whiten_rows(w, self.aip.cholesky)
         norms = w.norm(dim=1, keepdim=True)
         zero = (norms.squeeze(1) == 0).nonzero().flatten()
         if zero.numel():
@@ -579,8 +577,8 @@ def load_saelens(path: str | Path) -> SparseAutoencoder:
     if aip is not None:
         L = aip.cholesky
         W_enc = L.T @ W_enc
-        W_dec = torch.linalg.solve_triangular(L.T, W_dec, upper=True, left=False)
-        b_dec = torch.linalg.solve_triangular(L.T, b_dec[None], upper=True, left=False)[0]
+        W_dec = whiten_rows(W_dec, L)
+        b_dec = whiten_rows(b_dec[None], L)[0]
     unfolded = {"W_enc": W_enc, "W_dec": W_dec, "b_dec": b_dec, "b_enc": w["b_enc"]}
     if cls is TSAE:
         unfolded["threshold"] = w["threshold"]

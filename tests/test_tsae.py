@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -130,6 +131,19 @@ def test_tsae_forward_matches_reference(data, loss_norm, with_aip):
     assert float(out.loss.detach()) == pytest.approx(recon + ref["sparsity"], rel=1e-6)
     assert float(out.l0.detach()) == pytest.approx(ref["l0"], rel=1e-6)
     np.testing.assert_allclose(np64(model.decode(out.codes)), ref["x_hat"], rtol=1e-10, atol=1e-10)
+
+
+def test_encoder_gets_row_major_whitened_rows(data):
+    """The whitened batch reaches the encoder row-major: the CPU encoder works in row blocks and the Triton
+    kernel loads rows, and either reads a column-major batch (what a right-hand triangular solve returns)
+    as strided memory."""
+    x, aip = data
+    model = TSAE(12, 20, aip)
+    strides = []
+    encode = model._encode
+    with mock.patch.object(model, "_encode", side_effect=lambda u: strides.append(u.stride()) or encode(u)):
+        model(x[:64])
+    assert strides == [(12, 1)]
 
 
 def test_relu_forward_matches_reference(data):
