@@ -22,10 +22,15 @@ theorem 3), the same code on CPU and CUDA, float64 by default:
    optimal to that tolerance, uniqueness unproven. What is left is handed to the caller (HiGHS in
    `atoms.recovery.basis_pursuit`), never guessed.
 
-5. Given known feasible codes (`known`, the planted codes of a recovery experiment), a sample also stops
-   as soon as ADMM's feasible iterate has a smaller l1 norm than its known code: that proves the known code
-   is not the minimiser (status "beaten"), all a failed recovery needs, often in tens of iterations. (Trying
-   the certificate on the known code's support as well was measured: fewer iterations, no less time.)
+5. Given known feasible codes (`known`, the planted codes of a recovery experiment), each is first tried
+   directly: a second ADMM searches its certificate (a y with W_L y = s on the known support L and every
+   off-support |W_j y| <= 0.99), which takes tens of iterations where the certificate has room, and the
+   candidate is verified as in 3 (`_search_known`). The samples left then iterate as above, and also stop
+   as soon as ADMM's feasible iterate has a smaller l1 norm than the known code: that proves the known code
+   is not the minimiser (status "beaten"), all a failed recovery needs, often in tens of iterations.
+   Measured on the main job's ReLU-SAE codes (256 codes, 576 x 2304, median support ~170): the search cut
+   the unproven codes from 116 to 11 and the time from 50 s to 10 s; where the primal iterations already
+   proved most codes, it cost about 20 % more time.
 
 Finished samples leave the batch at each check, so the iterations get cheaper as the easy samples certify.
 """
@@ -38,7 +43,7 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["BatchedSolution", "solve_batched"]
+__all__ = ["BatchedSolution", "certificate_room", "solve_batched"]
 
 # A polished code must satisfy delta @ W = m to this relative residual (m has unit norm here).
 _FEASIBLE = 1e-9
@@ -60,6 +65,12 @@ _RELAX = 1.6
 _RHO0 = 3.0
 # Iterations before a support whose polish did not certify is polished again.
 _RETRY = 100
+# Certificate search on known supports: the off-support W_j y are aimed at |W_j y| <= 1 - _SEARCH_MARGIN, so
+# that the exact step onto W_L y = s afterwards leaves them below 1; the candidate y is checked at these
+# iterations (on the main job's ReLU-SAE codes, 576 x 2304 at ~170 non-zeros, 118 of 128 certified by 50).
+_SEARCH_MARGIN = 1e-2
+_SEARCH_CHECKS = (20, 50, 100, 200)
+_SEARCH_CHUNK = 128
 
 
 # Below this many multiply-adds an iteration (batch x n_atoms x d), the CPU iterations run on one thread.
@@ -96,7 +107,8 @@ class BatchedSolution(NamedTuple):
     duals (B, d): the certificate y (NaN when none). max_off (B,): for an "optimal" sample, max over atoms
     off the support of |W_j y| (W_j y when nonneg), the certificate's strict inequality < 1; for the others,
     the same max over all atoms. gaps (B,): relative duality gap
-    (p - q) / p. iterations (B,): ADMM iterations spent on each sample.
+    (p - q) / p (inf when no feasible code was found). iterations (B,): ADMM iterations spent on each sample
+    (for a known code certified by the search, the search's iterations).
     """
 
     codes: torch.Tensor
@@ -181,15 +193,23 @@ def _support_solve(
     return idx, valid, A, chol, c
 
 
-def _polish(
-    W: torch.Tensor, f: _Factor, M: torch.Tensor, support: torch.Tensor, y0: torch.Tensor, nonneg: bool
-) -> _Polished:
-    """Least squares on each sample's support, then the two certificate candidates; see the module docstring.
+class _SupportFit(NamedTuple):
+    """Least squares of each sample on a given support, with what a certificate check needs (b rows)."""
 
-    W (n_atoms, d); M (b, d) unit rows; support (b, n_atoms) bool, non-empty rows; y0 (b, d) ADMM's dual.
-    """
+    idx: torch.Tensor  # (b, K) each row's support first, then padding (see _support_solve)
+    valid: torch.Tensor  # (b, K) bool: idx is on the support
+    A: torch.Tensor  # (b, K, d) the support's atoms, zero rows for padding
+    chol: torch.Tensor  # (b, K, K) Cholesky factor of A A^T (ones on the padded diagonal)
+    codes: torch.Tensor  # (b, n_atoms) the least-squares code on the support (zero elsewhere)
+    signs: torch.Tensor  # (b, K) sign of each support coefficient, zero on padding
+    on_support: torch.Tensor  # (b, n_atoms) bool
+    feasible: torch.Tensor  # (b,) bool: the code satisfies delta @ W = m (and delta > 0 on its support)
+
+
+def _fit_support(W: torch.Tensor, M: torch.Tensor, support: torch.Tensor, nonneg: bool) -> _SupportFit:
+    """Least squares on each sample's support (b, n_atoms) bool, entries that come out numerically zero
+    pruned (their sign would be noise in the certificate's s); W (n_atoms, d), M (b, d) unit rows."""
     idx, valid, A, chol, c = _support_solve(W, M, support)
-    # Entries that came out (numerically) zero are not on the support: their sign would be noise in s.
     tiny = c.abs() <= _PRUNE * c.abs().amax(dim=1, keepdim=True)
     if bool((tiny & valid).any()):
         pruned = torch.zeros_like(support).scatter_(1, idx, valid & ~tiny)
@@ -198,35 +218,80 @@ def _polish(
     residual = torch.linalg.vector_norm((c[:, None, :] @ A).squeeze(1) - M, dim=1)
     signs_ok = (c > 0) | ~valid if nonneg else (c != 0) | ~valid
     feasible = (residual <= _FEASIBLE) & signs_ok.all(dim=1) & ~c.isnan().any(dim=1) & valid.any(dim=1)
-    s = torch.sign(c.nan_to_num(0.0)) * valid
+    signs = torch.sign(c.nan_to_num(0.0)) * valid
     on_support = torch.zeros_like(support).scatter_(1, idx, valid)
+    return _SupportFit(idx, valid, A, chol, codes, signs, on_support, feasible)
 
+
+def _rows(fit: NamedTuple, keep: torch.Tensor) -> NamedTuple:
+    """The rows `keep` of every (batch-first) tensor of a NamedTuple of tensors."""
+    return type(fit)(*(t[keep] for t in fit))
+
+
+def certificate_room(
+    chol: torch.Tensor, residual: torch.Tensor, y: torch.Tensor, atom_norm: torch.Tensor
+) -> torch.Tensor:
+    """How far (b,) the computed |W_j y| may sit below the exact value for a y corrected onto W_L y = s
+    exactly; residual e = W_L y - s (b, K) as computed, chol (b, K, K) of W_L W_L^T, atom_norm = max ||W_j||.
+
+    Two parts. The least correction of y, delta = -W_L^T (W_L W_L^T)^{-1} e, has norm ||chol^{-1} e||, so
+    |W_j (y + delta)| <= |W_j y| + ||W_j|| ||delta||. And a dot product of length d is computed to within
+    d eps ||W_j|| ||y|| (Higham, 3.1), for W_j y as for the W_L y that gave e: twice that. A certificate needs
+    max_off plus this under 1; an exact y exists then. Without it an atom repeated off the support (W_j =
+    W_i, i in L, whose exact certificate has |W_j y| = 1: no unique minimiser) passed whenever W_j y came out
+    a rounding under 1.
+    """
+    correction = torch.linalg.vector_norm(
+        torch.linalg.solve_triangular(chol, residual[..., None], upper=False), dim=(1, 2)
+    )
+    rounding = 2 * y.shape[1] * torch.finfo(y.dtype).eps * torch.linalg.vector_norm(y, dim=1)
+    return atom_norm * (correction + rounding)
+
+
+def _check_duals(
+    W: torch.Tensor, M: torch.Tensor, fit: _SupportFit, starts: tuple[torch.Tensor, ...], nonneg: bool
+) -> _Polished:
+    """Certificate candidates for the fitted codes: each start y (b, d) moved the least distance onto
+    {W_L y = s}, then checked in W's dtype; the first that certifies is kept, else the one of smallest
+    max_off (the better-scaled lower bound)."""
+    A, chol, valid, s = fit.A, fit.chol, fit.valid, fit.signs
+    atom_norm = torch.linalg.vector_norm(W, dim=1).max()
     best = None
-    for start in (y0, torch.zeros_like(y0)):
+    for start in starts:
         # The least change of y that makes W_L y = s: y + A^T (A A^T)^{-1} (s - A y).
         gap_s = s - (A @ start[:, :, None]).squeeze(-1) * valid
         y = start + (torch.cholesky_solve(gap_s[..., None], chol).transpose(1, 2) @ A).squeeze(1)
-        equality = ((A @ y[:, :, None]).squeeze(-1) - s).abs().mul_(valid).amax(dim=1)
+        residual = ((A @ y[:, :, None]).squeeze(-1) - s).mul_(valid)
+        equality = residual.abs().amax(dim=1)
         off = y @ W.T
         if not nonneg:
             off.abs_()
-        max_off = off.masked_fill(on_support, -torch.inf).amax(dim=1)
-        ok = feasible & (equality <= _EQUALITY) & (max_off < 1)
+        max_off = off.masked_fill(fit.on_support, -torch.inf).amax(dim=1)
+        room = certificate_room(chol, residual, y, atom_norm)
+        ok = fit.feasible & (equality <= _EQUALITY) & (max_off + room < 1)
         candidate = (y, max_off, ok, _dual_bound(off, y, M))
         if best is None:
             best = candidate
         else:
-            # Keep the first candidate where it certifies; else the second where that certifies; else the
-            # smaller max_off (the better-scaled lower bound).
             take = ~best[2] & (ok | (max_off < best[1]))
             best = tuple(
                 torch.where(take[:, None] if new.ndim == 2 else take, new, old)
                 for old, new in zip(best, candidate, strict=True)
             )
     y, max_off, certified, bound = best
-    p = codes.abs().sum(dim=1)
+    p = fit.codes.abs().sum(dim=1)
     gaps = (p - bound) / p.clamp_min(torch.finfo(W.dtype).tiny)
-    return _Polished(codes, y, max_off, gaps, bound, feasible, certified)
+    return _Polished(fit.codes, y, max_off, gaps, bound, fit.feasible, certified)
+
+
+def _polish(
+    W: torch.Tensor, M: torch.Tensor, support: torch.Tensor, y0: torch.Tensor, nonneg: bool
+) -> _Polished:
+    """Least squares on each sample's support, then the two certificate candidates (ADMM's dual y0 and the
+    minimum-norm y); see the module docstring. W (n_atoms, d); M (b, d) unit rows; support (b, n_atoms)
+    bool, non-empty rows; y0 (b, d)."""
+    fit = _fit_support(W, M, support, nonneg)
+    return _check_duals(W, M, fit, (y0, torch.zeros_like(y0)), nonneg)
 
 
 def _dual_bound(off: torch.Tensor, y: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
@@ -288,6 +353,10 @@ def _solve(
         return _independent_atoms(f, x0, outside, nonneg, codes, duals, max_off, gaps, iterations, status)
 
     rows = (outside <= _FEASIBLE).nonzero().flatten()  # original indices of the samples still iterating
+    out = (codes, duals, max_off, gaps, iterations, status)
+    if known is not None and rows.numel():
+        certified = _search_known(W, f, M[rows], known[rows].to(W), nonneg, rows, out)
+        rows = rows[~certified]
     m, x_min = M[rows], x0[rows]
     z = x_min.clamp_min(0.0) if nonneg else x_min.clone()
     u = torch.zeros_like(z)
@@ -331,11 +400,10 @@ def _solve(
         stable = same & (signs != 0).any(dim=1) & (next_try <= it)
         last_signs = signs
         finished = torch.zeros(rows.numel(), dtype=torch.bool, device=W.device)
-        out = (codes, duals, max_off, gaps, iterations, status)
         if bool(stable.any()):
             pick = stable.nonzero().flatten()
             y0 = _least_squares_dual(f, rho[pick] * u[pick])
-            polished = _polish(W, f, m[pick], signs[pick] != 0, y0, nonneg)
+            polished = _polish(W, m[pick], signs[pick] != 0, y0, nonneg)
             next_try[pick] = it + _RETRY
             finished[_record(polished, pick, rows, it, out)] = True
         if known is not None:
@@ -361,6 +429,89 @@ def _solve(
         _finish_uncertified(W, f, rows, m, x, z, u, rho, nonneg, gap_tol, codes, duals, max_off, gaps, status)
         iterations[rows] = max_iter
     return BatchedSolution(codes, status, duals, max_off, gaps, iterations)
+
+
+def _search_known(
+    W: torch.Tensor,
+    f: _Factor,
+    M: torch.Tensor,
+    known: torch.Tensor,
+    nonneg: bool,
+    rows: torch.Tensor,
+    out: tuple,
+) -> torch.Tensor:
+    """Prove known codes (b, n_atoms) the unique minimisers for M (b, d) by finding their certificates.
+
+    The known code's support L and signs s fix the certificate's conditions: W_L y = s and |W_j y| < 1 off L
+    (W_j y < 1 when nonneg). Finding such a y is a convex feasibility problem in v = W y: v must lie in the
+    range of W and in the box B = {v_L = s, |v_j| <= 1 - _SEARCH_MARGIN off L}. ADMM alternates the projection
+    onto the range, v -> P P^T v with the dictionary's SVD (two GEMMs for the whole batch, as the primal
+    iterations), and the clamp onto B; the y with W y the range iterate is checked at _SEARCH_CHECKS by
+    `_check_duals` (moved exactly onto W_L y = s, verified in W's dtype). When the true code's best
+    certificate has room (measured max_off of 0.5-0.75 on the main job's ReLU-SAE codes, which the primal
+    iterations left unproven after 1000 iterations), this finds one in tens of iterations. A code that is not
+    the minimiser has no certificate: the box and the range do not meet and nothing is certified.
+
+    Samples are searched in chunks of similar support size (the support fit pads every sample of a chunk to
+    its largest support: memory chunk x K x d). A support larger than the rank of W has dependent atoms and
+    is never the unique minimiser's: not searched. Certified samples are written into `out` (see `_record`;
+    rows maps them to the batch); returns the certified mask (b,).
+    """
+    sizes = (known != 0).sum(dim=1)
+    eligible = (sizes <= f.S.numel()).nonzero().flatten()
+    order = eligible[torch.argsort(sizes[eligible], stable=True)]
+    certified = torch.zeros(known.shape[0], dtype=torch.bool, device=W.device)
+    for chunk in order.split(_SEARCH_CHUNK) if order.numel() else ():
+        found = _search_chunk(W, f, M[chunk], known[chunk], nonneg, rows[chunk], out)
+        certified[chunk[found]] = True
+    return certified
+
+
+def _search_chunk(
+    W: torch.Tensor,
+    f: _Factor,
+    M: torch.Tensor,
+    known: torch.Tensor,
+    nonneg: bool,
+    rows: torch.Tensor,
+    out: tuple,
+) -> torch.Tensor:
+    """`_search_known` on one chunk of samples (b,): the ADMM and the checks; returns the certified mask."""
+    fit = _fit_support(W, M, known != 0, nonneg)
+    active = fit.feasible.nonzero().flatten()
+    fit, M = _rows(fit, active), M[active]
+    targets = torch.zeros_like(fit.codes).scatter_(1, fit.idx, fit.signs)
+    limit = 1.0 - _SEARCH_MARGIN
+
+    def box(w: torch.Tensor) -> torch.Tensor:
+        inside = w.clamp_max(limit) if nonneg else w.clamp(-limit, limit)
+        return torch.where(fit.on_support, targets, inside)
+
+    certified = torch.zeros(known.shape[0], dtype=torch.bool, device=W.device)
+    v = box(torch.zeros_like(targets))
+    u = torch.zeros_like(v)
+    for it in range(1, _SEARCH_CHECKS[-1] + 1):
+        if active.numel() == 0:
+            break
+        in_range = ((v - u) @ f.P) @ f.P.T
+        relaxed = _RELAX * in_range + (1 - _RELAX) * v
+        v = box(relaxed + u)
+        u = u + relaxed - v
+        if it not in _SEARCH_CHECKS:
+            continue
+        checked = _check_duals(W, M, fit, (_least_squares_dual(f, in_range),), nonneg)
+        _record(checked, active, rows, it, out)
+        certified[active[checked.certified]] = True
+        keep = ~checked.certified
+        active, fit, M, targets, v, u = (
+            active[keep],
+            _rows(fit, keep),
+            M[keep],
+            targets[keep],
+            v[keep],
+            u[keep],
+        )
+    return certified
 
 
 def _record(polished: _Polished, pick: torch.Tensor, rows: torch.Tensor, it: int, out: tuple) -> torch.Tensor:
@@ -433,7 +584,7 @@ def _finish_uncertified(
     gap is under gap_tol. Writes into the output tensors."""
     y0 = _least_squares_dual(f, rho * u)
     # An empty support (z = 0) polishes to the zero code, which is infeasible for a unit m: it loses below.
-    polished = _polish(W, f, m, z != 0, y0, nonneg)
+    polished = _polish(W, m, z != 0, y0, nonneg)
     # ADMM's x is feasible for the equality by construction (a projection); for nonneg it also needs x >= 0.
     primal = x if not nonneg else torch.where((x >= 0).all(dim=1, keepdim=True), x, torch.nan)
     p = primal.abs().sum(dim=1)
@@ -448,7 +599,8 @@ def _finish_uncertified(
     take = polished.bound > q
     y = torch.where(take[:, None], polished.duals, y0)
     q = torch.maximum(q, polished.bound)
-    gap = (p - q) / p.clamp_min(torch.finfo(W.dtype).tiny)
+    # No feasible code at hand (p = inf): the gap is unbounded, not undefined.
+    gap = torch.where(p.isinf(), torch.inf, (p - q) / p.clamp_min(torch.finfo(W.dtype).tiny))
     codes[rows] = best
     duals[rows] = y
     inner = y @ W.T

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from scipy import optimize, stats
 
-from atoms.batched_recovery import solve_batched
+from atoms.batched_recovery import certificate_room, solve_batched
 from atoms.dictionary import Dictionary
 from atoms.errors import BadInputError, IllConditionedError, as_float_tensor
 
@@ -430,7 +430,8 @@ class Certificate(NamedTuple):
     """Minimum-norm dual certificate for basis pursuit at a code delta.
 
     ok: y certifies that delta is the unique minimiser: the support's atoms are independent,
-    W_L y = sign(delta_L) holds to 1e-8 and every off-support |<d_j, y>| < 1 (<d_j, y> < 1 when nonneg).
+    W_L y = sign(delta_L) holds to 1e-8 and every off-support |<d_j, y>| < 1 (<d_j, y> < 1 when nonneg), with
+    room for the rounding in y and in the products (`atoms.batched_recovery.certificate_room`).
     ok = False does not prove failure: another y might still certify.
     y (d,).  max_off_support: max_{j not in L} |<d_j, y>| (the signed max when nonneg; -inf with no atom off
     the support).  residual: max |W_L y - sign(delta_L)|.  support (k,) int64.  reason: why not ok.
@@ -481,17 +482,20 @@ def dual_certificate(
         reason = "the support's atoms are linearly dependent (W_L W_L^T is not positive definite)"
         return Certificate(False, torch.zeros(d, dtype=torch.float64), math.nan, math.inf, L, reason)
     y = WL.T @ torch.cholesky_solve(s[:, None], chol)[:, 0]
-    residual = float((WL @ y - s).abs().max())
+    error = WL @ y - s
+    residual = float(error.abs().max())
     inner = W[off] @ y
     if inner.numel() == 0:
         max_off = -math.inf
     else:
         max_off = float(inner.max() if nonneg else inner.abs().max())
+    # What rounding in y and in the products may hide (atoms.batched_recovery.certificate_room).
+    room = float(certificate_room(chol[None], error[None], y[None], torch.linalg.vector_norm(W, dim=1).max()))
     reasons = []
     if not residual <= _CERTIFICATE_RESIDUAL:
         reasons.append(f"W_L y = sign(delta_L) holds only to {residual:.1e} (ill-conditioned support)")
-    if not max_off < 1:
-        reasons.append(f"an off-support atom reaches {max_off:.6f} >= 1")
+    if not max_off + room < 1:
+        reasons.append(f"an off-support atom reaches {max_off:.6f} (+ {room:.1e} for rounding), not < 1")
     return Certificate(not reasons, y, max_off, residual, L, "; ".join(reasons))
 
 
