@@ -431,6 +431,14 @@ def _solve(
     return BatchedSolution(codes, status, duals, max_off, gaps, iterations)
 
 
+def _box(w: torch.Tensor, on_support: torch.Tensor, targets: torch.Tensor, nonneg: bool) -> torch.Tensor:
+    """Projection of w (b, n_atoms) onto the certificate box of `_search_known`: the support's entries set to
+    their signs, the others clamped to 1 - _SEARCH_MARGIN in absolute value (from above only when nonneg)."""
+    limit = 1.0 - _SEARCH_MARGIN
+    inside = w.clamp_max(limit) if nonneg else w.clamp(-limit, limit)
+    return torch.where(on_support, targets, inside)
+
+
 def _search_known(
     W: torch.Tensor,
     f: _Factor,
@@ -461,56 +469,27 @@ def _search_known(
     eligible = (sizes <= f.S.numel()).nonzero().flatten()
     order = eligible[torch.argsort(sizes[eligible], stable=True)]
     certified = torch.zeros(known.shape[0], dtype=torch.bool, device=W.device)
-    for chunk in order.split(_SEARCH_CHUNK) if order.numel() else ():
-        found = _search_chunk(W, f, M[chunk], known[chunk], nonneg, rows[chunk], out)
-        certified[chunk[found]] = True
-    return certified
-
-
-def _search_chunk(
-    W: torch.Tensor,
-    f: _Factor,
-    M: torch.Tensor,
-    known: torch.Tensor,
-    nonneg: bool,
-    rows: torch.Tensor,
-    out: tuple,
-) -> torch.Tensor:
-    """`_search_known` on one chunk of samples (b,): the ADMM and the checks; returns the certified mask."""
-    fit = _fit_support(W, M, known != 0, nonneg)
-    active = fit.feasible.nonzero().flatten()
-    fit, M = _rows(fit, active), M[active]
-    targets = torch.zeros_like(fit.codes).scatter_(1, fit.idx, fit.signs)
-    limit = 1.0 - _SEARCH_MARGIN
-
-    def box(w: torch.Tensor) -> torch.Tensor:
-        inside = w.clamp_max(limit) if nonneg else w.clamp(-limit, limit)
-        return torch.where(fit.on_support, targets, inside)
-
-    certified = torch.zeros(known.shape[0], dtype=torch.bool, device=W.device)
-    v = box(torch.zeros_like(targets))
-    u = torch.zeros_like(v)
-    for it in range(1, _SEARCH_CHECKS[-1] + 1):
-        if active.numel() == 0:
-            break
-        in_range = ((v - u) @ f.P) @ f.P.T
-        relaxed = _RELAX * in_range + (1 - _RELAX) * v
-        v = box(relaxed + u)
-        u = u + relaxed - v
-        if it not in _SEARCH_CHECKS:
-            continue
-        checked = _check_duals(W, M, fit, (_least_squares_dual(f, in_range),), nonneg)
-        _record(checked, active, rows, it, out)
-        certified[active[checked.certified]] = True
-        keep = ~checked.certified
-        active, fit, M, targets, v, u = (
-            active[keep],
-            _rows(fit, keep),
-            M[keep],
-            targets[keep],
-            v[keep],
-            u[keep],
-        )
+    for active in order.split(_SEARCH_CHUNK) if order.numel() else ():
+        fit = _fit_support(W, M[active], known[active] != 0, nonneg)
+        fit, active = _rows(fit, fit.feasible), active[fit.feasible]
+        targets = torch.zeros_like(fit.codes).scatter_(1, fit.idx, fit.signs)
+        v = _box(torch.zeros_like(targets), fit.on_support, targets, nonneg)
+        u = torch.zeros_like(v)
+        for it in range(1, _SEARCH_CHECKS[-1] + 1):
+            if active.numel() == 0:
+                break
+            in_range = ((v - u) @ f.P) @ f.P.T
+            relaxed = _RELAX * in_range + (1 - _RELAX) * v
+            v = _box(relaxed + u, fit.on_support, targets, nonneg)
+            u = u + relaxed - v
+            if it not in _SEARCH_CHECKS:
+                continue
+            checked = _check_duals(W, M[active], fit, (_least_squares_dual(f, in_range),), nonneg)
+            _record(checked, active, rows, it, out)
+            certified[active[checked.certified]] = True
+            keep = ~checked.certified
+            fit = _rows(fit, keep)
+            active, targets, v, u = (t[keep] for t in (active, targets, v, u))
     return certified
 
 
