@@ -29,10 +29,11 @@ theorem 3), the same code on CPU and CUDA, float64 by default:
    that ADMM diverges points to cheaper feasible codes, which are built and verified (`_descent`). A
    feasible code of smaller l1 norm than the known code proves the known code is not the minimiser (status
    "beaten"), all a failed recovery needs. The samples left then iterate as above, and also stop as soon
-   as ADMM's feasible iterate beats the known code, often in tens of iterations. Measured on the main job's
-   ReLU-SAE codes (256 codes of one layer, 576 x 2304, median support ~170): unproven codes fell from 116
-   to 2 (245 proven recovered, 9 proven failed) and the time from 50 s to 8 s; on another layer's, where
-   the primal iterations already proved 242, from 14 to 11 (3 proven failed), at 12 s against 9.5 s.
+   as ADMM's feasible iterate beats the known code, often in tens of iterations. Measured on 256 codes of
+   one layer of an `atoms run --quick` (576 x 2304, mean support ~170): for the ReLU SAE's, unproven codes
+   fell from 116 to 2 (245 proven recovered, 9 proven failed) and the time from 50 s to 8 s; for the
+   TSAE's, where the primal iterations already proved 242, from 14 to 11 (3 proven failed), at 12 s
+   against 9.5 s. The codes left unproven had the largest supports (300-580 non-zeros in d = 576).
 
 Finished samples leave the batch at each check, so the iterations get cheaper as the easy samples certify.
 """
@@ -69,7 +70,8 @@ _RHO0 = 3.0
 _RETRY = 100
 # Certificate search on known supports: the off-support W_j y are aimed at |W_j y| <= 1 - _SEARCH_MARGIN, so
 # that the exact step onto W_L y = s afterwards leaves them below 1; the candidate y is checked at these
-# iterations (on the main job's ReLU-SAE codes, 576 x 2304 at ~170 non-zeros, 118 of 128 certified by 50).
+# iterations (on ReLU-SAE codes of an `atoms run --quick`, 576 x 2304 at ~170 non-zeros: 118 of 128 certified
+# by 50).
 _SEARCH_MARGIN = 1e-2
 _SEARCH_CHECKS = (20, 50, 100, 200)
 _SEARCH_CHUNK = 128
@@ -514,10 +516,11 @@ def _search_known(
     onto the range, v -> P P^T v with the dictionary's SVD (two GEMMs for the whole batch, as the primal
     iterations), and the clamp onto B; the y with W y the range iterate is checked at _SEARCH_CHECKS by
     `_check_duals` (moved exactly onto W_L y = s, verified in W's dtype). When the true code's best
-    certificate has room (measured max_off of 0.5-0.75 on the main job's ReLU-SAE codes, which the primal
-    iterations left unproven after 1000 iterations), this finds one in tens of iterations. A code that is not
-    the minimiser has no certificate: the box and the range do not meet, nothing is certified, and the
-    direction in which ADMM's u then grows may prove the failure (`_descent`, status "beaten").
+    certificate has room (max_off of 0.5-0.75 measured by HiGHS on ReLU-SAE codes of an `atoms run --quick`
+    that the primal iterations left unproven after 1000 iterations), this finds one in tens of iterations.
+    A code that is not the minimiser has no certificate: the box and the range do not meet, nothing is
+    certified, and the direction in which ADMM's u then grows may prove the failure (`_descent`, status
+    "beaten").
 
     Samples are searched in chunks of similar support size (the support fit pads every sample of a chunk to
     its largest support: memory chunk x K x d). A support larger than the rank of W has dependent atoms and

@@ -716,7 +716,8 @@ def phase_sentences(phase: dict[str, Any]) -> list[str]:
             f"{kind} basis pursuit: of {below} cells more than {_PHASE_MARGIN} below the curve, {below_bad} "
             f"recover fewer than half their problems (95% interval below 1/2); of {above} cells more than "
             f"{_PHASE_MARGIN} above it, {above_bad} recover more than half. These cells {verdict} the "
-            f"Donoho-Tanner prediction. {flagged} problems were flagged (unproven either way); "
+            f"Donoho-Tanner prediction. {flagged} problem{'' if flagged == 1 else 's'} "
+            f"{'was' if flagged == 1 else 'were'} flagged (unproven either way); "
             f"{plane['seconds']:.0f} s for the plane."
         )
     return out
