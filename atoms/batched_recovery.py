@@ -82,6 +82,8 @@ _DRIFT_ROUNDS = 4
 # The drift is tried from this search iteration on: earlier it has not yet turned towards a separating
 # direction, and each try costs a d x d Gram per sample (n_atoms d^2).
 _DESCENT_FROM = 50
+# Samples per masked copy of W in `_masked_gram`.
+_GRAM_GROUP = 16
 
 
 # Below this many multiply-adds an iteration (batch x n_atoms x d), the CPU iterations run on one thread.
@@ -443,6 +445,14 @@ def _box(w: torch.Tensor, on_support: torch.Tensor, targets: torch.Tensor, nonne
     return torch.where(on_support, targets, inside)
 
 
+def _masked_gram(W: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """W_R^T W_R (b, d, d) for each row's atoms R = keep (b, n_atoms) bool; W (n_atoms, d). Built a few
+    samples at a time: the masked copies of W they need (group x n_atoms x d) would take 1.4 GB at once
+    for 128 samples of 2304 x 576."""
+    grams = [(W * group[:, :, None]).transpose(1, 2) @ W for group in keep.to(W.dtype).split(_GRAM_GROUP)]
+    return torch.cat(grams)
+
+
 def _descent(
     W: torch.Tensor,
     M: torch.Tensor,
@@ -482,8 +492,7 @@ def _descent(
         direction, keep, off = direction[pick], keep[pick], ~fit.on_support[pick]
         for _ in range(_DRIFT_ROUNDS):
             h = direction * keep
-            gram = torch.einsum("bn,nd,ne->bde", keep.to(W.dtype), W, W)
-            chol, info = torch.linalg.cholesky_ex(gram)
+            chol, info = torch.linalg.cholesky_ex(_masked_gram(W, keep))
             h = h - keep * (torch.cholesky_solve((h @ W)[..., None], chol).squeeze(-1) @ W.T)
             # The projection can turn a few small off-support entries negative: out of R, and again.
             negative = off & keep & (h < 0) if nonneg else torch.zeros_like(keep)
