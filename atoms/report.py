@@ -153,8 +153,7 @@ def _dictionary_table(results: dict[str, Any]) -> tuple[list[str], list[list[str
                     pct(m["q_star_quantile_euclidean"]),
                     pct(c["spark_fraction"]),
                     f"{pct(c['erc_fraction'])} of {c['erc_n']}",
-                    f"{pct(c['bp_fraction'])} of {c['bp_n']}"
-                    + (f" ({c['bp_flagged']} flagged)" if c.get("bp_flagged") else ""),
+                    f"{pct(c['bp_fraction'])} of {c['bp_n']}" + _bp_unproven(c),
                     "n/a" if m["dead_training"] is None else str(m["dead_training"]),
                     str(m["silent_heldout"]),
                 ]
@@ -782,12 +781,26 @@ def _bp_scope(cfg: dict[str, Any]) -> str:
     return f"a random subsample of {cfg['bp_samples']} held-out sample(s) per dictionary"
 
 
+def _bp_unproven(certified: dict[str, Any]) -> str:
+    """The basis-pursuit cell's tail: how many samples failed and how many were flagged, when any."""
+    parts = [
+        f"{certified[key]} {word}"
+        for key, word in (("bp_failed", "failed"), ("bp_flagged", "flagged"))
+        if certified.get(key)
+    ]
+    return f" ({', '.join(parts)})" if parts else ""
+
+
 def _bp_fallback_note(cfg: dict[str, Any]) -> str:
     if cfg.get("bp_solver") != "batched":
         return "."
     if cfg.get("bp_fallback"):
         return "; samples it proves nothing about are re-solved by HiGHS."
-    return "; samples it proves nothing about within its iteration budget are counted as flagged."
+    return (
+        "; samples it proves nothing about within its iteration budget are counted as flagged. A failed "
+        "sample is proven not recovered: a feasible code of smaller l1 norm than the SAE's was found and "
+        "checked, or the proven minimiser differs from it."
+    )
 
 
 def _cards_blocks(results: dict[str, Any]) -> list[Block]:

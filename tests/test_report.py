@@ -20,7 +20,16 @@ from test_experiment import build_tiny, tiny_config
 
 from atoms.errors import BadInputError
 from atoms.experiment import run_experiment
-from atoms.report import blocks, differences, num, pct, phase_sentences, to_markdown, write_report
+from atoms.report import (
+    _bp_unproven,
+    blocks,
+    differences,
+    num,
+    pct,
+    phase_sentences,
+    to_markdown,
+    write_report,
+)
 
 CHROMIUM_FLAGS = [
     "--headless",
@@ -178,6 +187,11 @@ def test_dictionary_table_matches_results(report):
         assert close_pct(row[col["ERC < 1"]], c["erc_fraction"])
         assert row[col["ERC < 1"]].endswith(f"of {c['erc_n']}")
         assert close_pct(row[col["BP exact"]], c["bp_fraction"])
+        bp = row[col["BP exact"]]
+        assert f"of {c['bp_n']}" in bp
+        for key, word in (("bp_failed", "failed"), ("bp_flagged", "flagged")):
+            shown = re.search(rf"(\d+) {word}", bp)
+            assert (int(shown.group(1)) if shown else 0) == c[key], (bp, key)
         assert int(row[col["silent (held-out)"]]) == m["silent_heldout"]
         dead = row[col["dead (training)"]]
         assert dead == ("n/a" if m["dead_training"] is None else str(m["dead_training"]))
@@ -281,6 +295,12 @@ def test_differences_speak_only_where_numbers_differ(report):
     assert len(sentences) == 1 and sentences[0].startswith("Atoms: q* is 10.0% (quantile form)")
     worse["summary"]["atoms"]["r2_aip"] = 0.5
     assert any("explain" in s and "50.0% in the AIP norm" in s for s in differences(worse))
+
+
+def test_basis_pursuit_cell_names_failed_and_flagged_samples():
+    assert _bp_unproven({"bp_failed": 7, "bp_flagged": 18}) == " (7 failed, 18 flagged)"
+    assert _bp_unproven({"bp_failed": 1, "bp_flagged": 0}) == " (1 failed)"
+    assert _bp_unproven({"bp_failed": 0, "bp_flagged": 0}) == ""
 
 
 def test_formatting_and_bad_input():
