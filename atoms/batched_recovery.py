@@ -276,9 +276,7 @@ def _check_duals(
         y = start + (torch.cholesky_solve(gap_s[..., None], chol).transpose(1, 2) @ A).squeeze(1)
         residual = ((A @ y[:, :, None]).squeeze(-1) - s).mul_(valid)
         equality = residual.abs().amax(dim=1)
-        off = y @ W.T
-        if not nonneg:
-            off.abs_()
+        off = _off(W, y, nonneg)
         max_off = off.masked_fill(fit.on_support, -torch.inf).amax(dim=1)
         room = certificate_room(chol, residual, y, atom_norm)
         ok = fit.feasible & (equality <= _EQUALITY) & (max_off + room < 1)
@@ -307,6 +305,12 @@ def _polish(
     return _check_duals(W, M, fit, (y0, torch.zeros_like(y0)), nonneg)
 
 
+def _off(W: torch.Tensor, y: torch.Tensor, nonneg: bool) -> torch.Tensor:
+    """(b, n_atoms) the quantities a dual y (b, d) must keep under 1: |W_j y|, or W_j y when nonneg."""
+    inner = y @ W.T
+    return inner if nonneg else inner.abs_()
+
+
 def _dual_bound(off: torch.Tensor, y: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
     """q = (y / max(1, t)) . m (b,), t = max_j off_j, where off (b, n_atoms) holds |W_j y| (W_j y when
     nonneg): y / max(1, t) is dual feasible, so q is a lower bound on the optimum (weak duality)."""
@@ -328,10 +332,12 @@ def solve_batched(
     W and M are used in their dtype and device (float64 is what the certificates are meant for); rows of M
     should have unit norm (basis pursuit is positively homogeneous; `atoms.recovery.basis_pursuit` scales
     them), so the tolerances are relative. known (B, n_atoms): feasible codes known in advance (the planted
-    codes of a recovery experiment, for the unit-norm m): a sample stops with status "beaten" as soon as
-    ADMM holds a feasible code whose l1 norm is below (1 - 1e-6) the known one's:
-    that proves the known code is not the minimiser, all a recovery experiment asks of a failure. The code
-    returned for it is that feasible code, not the minimiser. Returns a `BatchedSolution`.
+    codes of a recovery experiment, for the unit-norm m). Each is first tried directly: its certificate is
+    searched for ("optimal" when found), and where none exists a cheaper feasible code (item 5 of the
+    module docstring). A sample stops with status "beaten" as soon as a feasible code is found whose l1
+    norm is below (1 - 1e-6) the known one's: that proves the known code is not the minimiser, all a
+    recovery experiment asks of a failure. The code returned for it is that feasible code, not the
+    minimiser. Returns a `BatchedSolution`.
     """
     with _threads_for(M.shape[0] * W.shape[0] * W.shape[1], W.device):
         return _solve(W, M, nonneg, max_iter, check_every, gap_tol, known)
@@ -362,11 +368,11 @@ def _solve(
     for i in (outside > _FEASIBLE).nonzero().flatten().tolist():
         status[i] = "infeasible"
 
+    out = (codes, duals, max_off, gaps, iterations, status)
     if f.S.numel() == n_atoms:
-        return _independent_atoms(f, x0, outside, nonneg, codes, duals, max_off, gaps, iterations, status)
+        return _independent_atoms(f, x0, outside, nonneg, out)
 
     rows = (outside <= _FEASIBLE).nonzero().flatten()  # original indices of the samples still iterating
-    out = (codes, duals, max_off, gaps, iterations, status)
     if known is not None and rows.numel():
         settled = _search_known(W, f, M[rows], known[rows].to(W), nonneg, rows, out)
         rows = rows[~settled]
@@ -432,8 +438,8 @@ def _solve(
             )
 
     if rows.numel():
-        _finish_uncertified(W, f, rows, m, x, z, u, rho, nonneg, gap_tol, codes, duals, max_off, gaps, status)
         iterations[rows] = max_iter
+        _finish_uncertified(W, f, rows, m, x, z, u, rho, nonneg, gap_tol, max_iter, out)
     return BatchedSolution(codes, status, duals, max_off, gaps, iterations)
 
 
@@ -556,8 +562,7 @@ def _search_known(
             if it not in _SEARCH_CHECKS:
                 continue
             checked = _check_duals(W, M[active], fit, (_least_squares_dual(f, in_range),), nonneg)
-            _record(checked, active, rows, it, out)
-            settled[active[checked.certified]] = True
+            settled[_record(checked, active, rows, it, out)] = True
             left = ~checked.certified
             beaten = torch.zeros_like(left)
             drift = (relaxed - v)[left]  # the last change of u
@@ -614,20 +619,16 @@ def _independent_atoms(
     x0: torch.Tensor,
     outside: torch.Tensor,
     nonneg: bool,
-    codes: torch.Tensor,
-    duals: torch.Tensor,
-    max_off: torch.Tensor,
-    gaps: torch.Tensor,
-    iterations: torch.Tensor,
-    status: list[str],
+    out: tuple,
 ) -> BatchedSolution:
     """Independent atoms (rank = n_atoms, e.g. the neuron basis): delta @ W = m has at most one solution, x0,
     which is therefore the unique minimiser, with nothing to iterate (non-negative: when x0 >= 0).
 
     Its certificate y solves W y = sign(x0) exactly (W has full row rank) and no atom is off the support in
     the sense that matters: a zero entry of x0 has W_j y = 0. Entries under _PRUNE of the largest are rounding
-    and read as zeros.
+    and read as zeros. Writes into `out` (see `_record`).
     """
+    codes, duals, max_off, gaps, iterations, status = out
     x = torch.where(x0.abs() <= _PRUNE * x0.abs().amax(dim=1, keepdim=True), 0.0, x0)
     ok = outside <= _FEASIBLE
     if nonneg:
@@ -652,15 +653,13 @@ def _finish_uncertified(
     rho: torch.Tensor,
     nonneg: bool,
     gap_tol: float,
-    codes: torch.Tensor,
-    duals: torch.Tensor,
-    max_off: torch.Tensor,
-    gaps: torch.Tensor,
-    status: list[str],
+    max_iter: int,
+    out: tuple,
 ) -> None:
     """Samples still iterating at max_iter: "optimal" where a last polish certifies; otherwise the better of
     the polished support solution and ADMM's feasible x, bounded by the duality gap, "converged" when the
-    gap is under gap_tol. Writes into the output tensors."""
+    gap is under gap_tol. Writes into `out` (see `_record`)."""
+    codes, duals, max_off, gaps, _, status = out
     y0 = _least_squares_dual(f, rho * u)
     # An empty support (z = 0) polishes to the zero code, which is infeasible for a unit m: it loses below.
     polished = _polish(W, m, z != 0, y0, nonneg)
@@ -671,10 +670,7 @@ def _finish_uncertified(
     use = ~(p <= p_pol)  # a NaN p (x not non-negative) prefers the polished code
     best = torch.where(use[:, None], polished.codes, primal)
     p = torch.where(use, p_pol, p)
-    off = y0 @ W.T
-    if not nonneg:
-        off.abs_()
-    q = _dual_bound(off, y0, m)
+    q = _dual_bound(_off(W, y0, nonneg), y0, m)
     take = polished.bound > q
     y = torch.where(take[:, None], polished.duals, y0)
     q = torch.maximum(q, polished.bound)
@@ -682,16 +678,9 @@ def _finish_uncertified(
     gap = torch.where(p.isinf(), torch.inf, (p - q) / p.clamp_min(torch.finfo(W.dtype).tiny))
     codes[rows] = best
     duals[rows] = y
-    inner = y @ W.T
-    max_off[rows] = (inner if nonneg else inner.abs()).amax(dim=1)
+    max_off[rows] = _off(W, y, nonneg).amax(dim=1)
     gaps[rows] = gap
     for i, g in zip(rows.tolist(), gap.tolist(), strict=True):
         status[i] = "converged" if g <= gap_tol else "unsolved"
     # The last polish, with the final dual, may certify a support that earlier tries did not.
-    certified = rows[polished.certified]
-    codes[certified] = polished.codes[polished.certified]
-    duals[certified] = polished.duals[polished.certified]
-    max_off[certified] = polished.max_off[polished.certified]
-    gaps[certified] = polished.gaps[polished.certified]
-    for i in certified.tolist():
-        status[i] = "optimal"
+    _record(polished, torch.arange(rows.numel(), device=rows.device), rows, max_iter, out)

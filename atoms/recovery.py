@@ -298,10 +298,11 @@ def basis_pursuit(
     solver: "batched" (default: `atoms.batched_recovery.solve_batched`, the whole batch at once in torch on
     `device` (W_dec's device when None), float64; each answer proven by a dual certificate or a duality gap,
     see `RecoveryResult.proof`; with `fallback`, samples it proves nothing about are re-solved by HiGHS),
-    With `true_codes` and `use_true_codes`, the batched solver stops on a sample as soon as it holds a
-    feasible code of smaller l1 norm than the true code (status "beaten", decision "failed", the code
-    returned is that feasible code, not the minimiser; `atoms.batched_recovery.solve_batched`, `known`):
-    the proof a recovery experiment needs, far sooner than solving a failed problem to optimality.
+    With `true_codes` and `use_true_codes`, the batched solver first searches each true code's certificate
+    (status "optimal" when found), and stops on a sample as soon as it holds a feasible code of smaller l1
+    norm than the true code (status "beaten", decision "failed", the code returned is that feasible code,
+    not the minimiser; `atoms.batched_recovery.solve_batched`, `known`): the proofs a recovery experiment
+    needs, far sooner than solving every problem to optimality.
     "cvxpy" (reference; `cvxpy_problem` is built once per dictionary and re-solved per sample with
     `cvxpy_solver`, Clarabel by default, whose default tolerances leave errors near 1e-8, far inside the 1e-5
     band), "linprog" (HiGHS on the split LP), or "omp" (`k` steps, or until the residual vanishes when k is
