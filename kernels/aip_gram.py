@@ -92,6 +92,7 @@ from typing import Literal, NamedTuple
 import numpy as np
 import torch
 
+from .compat import f64_product, has_fp64_dot
 from .dispatch import Backend, backend, dot_in_fp32, launch, tl, triton
 from .progress import Progress, ticker
 
@@ -519,6 +520,7 @@ def _gram_reduce_kernel(
     BINS_P2: tl.constexpr,
     PRECISION: tl.constexpr,
     DOT_FP32: tl.constexpr,
+    FP64_DOT: tl.constexpr,
 ):
     """One (BLOCK, BLOCK) tile (ti, tj), ti <= tj, of G = unit unit^T with ti in the launch's band of row
     tiles (first tile t0 = s0 GROUP, first atom i0 = t0 BLOCK, band_n atoms), reduced in registers.
@@ -567,7 +569,10 @@ def _gram_reduce_kernel(
         if DOT_FP32:  # the interpreter's bf16 dot multiplies bit patterns (triton issue 11584)
             a = a.to(tl.float32)
             b = b.to(tl.float32)
-        acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
+        if unit_ptr.dtype.element_ty == tl.float64:
+            acc = f64_product(a, tl.trans(b), acc, FP64_DOT)
+        else:
+            acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
         a_ptrs += BLOCK_D * stride_d
         b_ptrs += BLOCK_D * stride_d
 
@@ -643,6 +648,9 @@ _GPU_BLOCKS = {
     (torch.float32, "tf32x3"): _Blocks(128, 16, 8, 8, 2),
     (torch.float64, "ieee"): _Blocks(64, 32, 8, 4, 3),
 }
+# Triton 3.4 has no float64 tl.dot: the (BLOCK, BLOCK_D, BLOCK) broadcast product of `f64_product` lives in
+# registers, so the d chunk is small.
+_FMA_FLOAT64_BLOCKS = _Blocks(32, 4, 8, 4, 2)
 # The interpreter runs programs one at a time in numpy: the smallest blocks make the tests' small shapes
 # span several tiles, d chunks and tile groups (ragged edges, skipped programs) on the same code path.
 _INTERPRET_BLOCKS = _Blocks(16, 16, 2, 1, 1)
@@ -650,13 +658,16 @@ _INTERPRET_BLOCKS = _Blocks(16, 16, 2, 1, 1)
 # row tiles, so the kernel path needs O(n) memory beyond the atoms (16384 float32 atoms: one band, 32 MiB).
 PARTIAL_BYTES = 256 << 20
 # The per-program histogram lives in registers (BINS_P2 / (32 num_warps) counters a thread); more bins than
-# this run on the torch reference, which has no such limit.
-MAX_KERNEL_BINS = 4096
+# this run on the torch reference, which has no such limit. 4096 spilled 856-1304 bytes under Triton 3.4 and
+# 3.6 (bfloat16 and tf32x3 on sm_80, ieee on sm_90); 2048 compiles without spills on every release 3.4-3.9.
+MAX_KERNEL_BINS = 2048
 
 
 def _blocks(dtype: torch.dtype, precision: Precision, n: int, mode: Backend) -> _Blocks:
     if mode == "interpret":
         return _INTERPRET_BLOCKS
+    if dtype == torch.float64 and not has_fp64_dot():
+        return _FMA_FLOAT64_BLOCKS
     # `precision` only selects how float32 operands are multiplied; the other dtypes have one variant.
     b = _GPU_BLOCKS[(dtype, precision if dtype == torch.float32 else "ieee")]
     # A small dictionary needs no 128-wide tile; 16 is tl.dot's smallest.
@@ -742,6 +753,7 @@ def _launch(
             BINS_P2=max(2, triton.next_power_of_2(bins)),
             PRECISION=precision if unit.dtype == torch.float32 else "ieee",
             DOT_FP32=dot_in_fp32(mode, unit.dtype),
+            FP64_DOT=has_fp64_dot(),
             num_warps=b.num_warps,
             num_stages=b.num_stages,
         )

@@ -24,12 +24,17 @@ same kernel for sm_80/sm_90 still works. A lock serialises interpreted runs beca
 """
 
 import os
+import re
 import sys
 import threading
+import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import cache
+from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 
 try:
@@ -53,10 +58,88 @@ except ImportError:  # Triton ships Linux wheels only; elsewhere every call take
 
     triton = tl = _NoTriton()
 
-__all__ = ["HAS_TRITON", "Backend", "backend", "dot_in_fp32", "launch", "tl", "triton"]
+__all__ = [
+    "HAS_TRITON",
+    "NEWEST_TESTED",
+    "OLDEST_SUPPORTED",
+    "Backend",
+    "KernelUnavailableError",
+    "backend",
+    "dot_in_fp32",
+    "launch",
+    "tl",
+    "triton",
+    "triton_version",
+]
 
 Backend = Literal["triton", "interpret", "torch"]
 _MODES = ("auto", "torch", "interpret")
+# The Triton releases the kernels are compiled and tested under (`make aot`): 3.4 ships with torch 2.8, the
+# oldest torch the project supports.
+OLDEST_SUPPORTED = (3, 4)
+NEWEST_TESTED = (3, 9)
+
+
+class KernelUnavailableError(RuntimeError):
+    """A Triton kernel cannot run with the installed Triton: too old, or its compiler failed on the kernel.
+
+    The message names the fix (ATOMS_KERNELS=torch); `compiler_error` keeps the compiler's own traceback
+    for a bug report, which is not printed.
+    """
+
+    def __init__(self, message: str, compiler_error: str = "") -> None:
+        super().__init__(message)
+        self.compiler_error = compiler_error
+
+
+@cache
+def triton_version() -> tuple[int, int]:
+    """(major, minor) of the installed Triton; (0, 0) without Triton."""
+    match = re.match(r"(\d+)\.(\d+)", getattr(triton, "__version__", ""))
+    return (int(match.group(1)), int(match.group(2))) if match else (0, 0)
+
+
+def _tested_range() -> str:
+    return "{}.{} to {}.{}".format(*OLDEST_SUPPORTED, *NEWEST_TESTED)
+
+
+def _require_supported_triton() -> None:
+    if triton_version() < OLDEST_SUPPORTED:
+        raise KernelUnavailableError(
+            f"the atoms kernels need Triton {_tested_range()}, and Triton {triton.__version__} is installed; "
+            "install a supported Triton (torch >= 2.8 ships one), or set ATOMS_KERNELS=torch to run the "
+            "torch reference on this device."
+        )
+
+
+def _require_working_interpreter() -> None:
+    # Measured with Triton 3.4-3.9 and NumPy 2.4.6: before 3.7 the interpreter calls int() on one-element
+    # arrays in every loop over a runtime bound, which NumPy 2.4 refuses ("only 0-dimensional arrays can be
+    # converted to Python scalars").
+    numpy_version = tuple(int(v) for v in re.findall(r"\d+", np.__version__)[:2])
+    if triton_version() < (3, 7) and numpy_version >= (2, 4):
+        raise ValueError(
+            f"ATOMS_KERNELS=interpret needs Triton >= 3.7 with NumPy {np.__version__}: Triton "
+            f"{triton.__version__}'s interpreter fails on NumPy >= 2.4. Install Triton >= 3.7 or "
+            "NumPy < 2.4, or unset ATOMS_KERNELS (the torch reference on CPU)."
+        )
+
+
+def _compiler_failure(kernel: Any, error: BaseException) -> KernelUnavailableError | None:
+    """The clear error for `error` if Triton's compiler raised it (front end or MLIR passes), else None:
+    a launch failure (bad address, out of memory) is not the compiler's and propagates as it is."""
+    compiler = Path(triton.__file__).parent / "compiler"
+    frames = traceback.extract_tb(error.__traceback__)
+    if not any(Path(frame.filename).is_relative_to(compiler) for frame in frames):
+        return None
+    name = getattr(getattr(kernel, "fn", kernel), "__name__", "a kernel")
+    first = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
+    return KernelUnavailableError(
+        f"Triton {triton.__version__} failed to compile {name} ({type(error).__name__}: {first}). The "
+        f"kernels are tested under Triton {_tested_range()}; set ATOMS_KERNELS=torch to run the torch "
+        "reference on this device, and report the compiler error (KernelUnavailableError.compiler_error).",
+        compiler_error="".join(traceback.format_exception(error)),
+    )
 
 
 def backend(*tensors: torch.Tensor | None) -> Backend:
@@ -85,6 +168,7 @@ def backend(*tensors: torch.Tensor | None) -> Backend:
                 "ATOMS_KERNELS=interpret needs Triton, which is not installed; `pip install triton` (Linux) "
                 "or unset ATOMS_KERNELS to use the torch reference."
             )
+        _require_working_interpreter()
         return "interpret"
     if HAS_TRITON and any(d.type == "cuda" for d in devices):
         return "triton"
@@ -102,16 +186,27 @@ def dot_in_fp32(mode: Backend, dtype: torch.dtype) -> bool:
 
 
 def launch(kernel: Any, grid: tuple[int, ...], mode: Backend, *args: Any, **meta: Any) -> None:
-    """Run a ``@triton.jit`` kernel on `grid`: compiled for mode "triton", interpreted for "interpret"."""
-    if mode == "triton":
-        kernel[grid](*args, **meta)
-        return
-    if mode != "interpret":
+    """Run a ``@triton.jit`` kernel on `grid`: compiled for mode "triton", interpreted for "interpret".
+
+    Raises KernelUnavailableError, naming the fallback ATOMS_KERNELS=torch, when the installed Triton is
+    older than 3.4 or its compiler fails on the kernel (never the compiler's raw traceback).
+    """
+    if mode not in ("triton", "interpret"):
         raise ValueError(
             f"launch() runs Triton kernels only, got backend {mode!r}; call the torch reference."
         )
-    with _interpreting(kernel):
-        _interpreted(kernel)[grid](*args, **meta)
+    _require_supported_triton()
+    if mode == "interpret":
+        with _interpreting(kernel):
+            _interpreted(kernel)[grid](*args, **meta)
+        return
+    try:
+        kernel[grid](*args, **meta)
+    except Exception as error:
+        failure = _compiler_failure(kernel, error)
+        if failure is None:
+            raise
+        raise failure from None
 
 
 _LOCK = threading.RLock()

@@ -32,6 +32,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from .compat import f64_product, has_fp64_dot, widens_half_before_fp64_dot
 from .dispatch import Backend, backend, launch, tl, triton
 
 __all__ = ["SupportCoherence", "support_coherence", "support_coherence_reference"]
@@ -77,6 +78,7 @@ def _support_gram_kernel(
     N_TILES: tl.constexpr,
     BLOCK_D: tl.constexpr,
     STORE_GRAM: tl.constexpr,
+    FP64_DOT: tl.constexpr,
 ):
     """One program per sample: its (K, K) Gram in (TILE, TILE) blocks, float64, reduced to max |G_ab|.
 
@@ -110,7 +112,7 @@ def _support_gram_kernel(
                 else:
                     b = tl.load(ptr_j + d[None, :] * stride_ud, mask=on_j[:, None] & d_ok, other=0.0)
                     b = b.to(tl.float64)
-                acc = tl.dot(a, tl.trans(b), acc)
+                acc = f64_product(a, tl.trans(b), acc, FP64_DOT)
             pair = on_i[:, None] & on_j[None, :]
             distinct = rows_i[:, None] != rows_j[None, :]
             off = tl.where(pair & distinct, tl.abs(acc), 0.0)
@@ -133,7 +135,7 @@ class _Tiles(NamedTuple):
     num_stages: int
 
 
-def _gpu_tiles(k: int) -> _Tiles:
+def _gpu_tiles(k: int, fp64_dot: bool = True) -> _Tiles:
     """H100 tiles for samples of width k (kernels/NOTES.md, support Gram, has the numbers).
 
     Up to k = 64 the whole Gram is one block, k padded to a power of two of at least 16 (tl.dot's minimum):
@@ -144,15 +146,28 @@ def _gpu_tiles(k: int) -> _Tiles:
     an fp32 input takes 72 registers at 4 warps and 16 KiB of shared memory, so up to seven programs share
     an SM and keep their gathers in flight.
     """
+    if not fp64_dot:
+        return _FMA_TILES
     if k <= 64:
         tile = max(16, triton.next_power_of_2(max(k, 1)))
         return _Tiles(tile, 64, 4 if tile <= 32 else 8, 3)
     return _Tiles(32, 64, 8, 3)
 
 
+# Without a float64 tl.dot (Triton 3.4) the (TILE, BLOCK_D, TILE) broadcast product lives in registers.
+_FMA_TILES = _Tiles(16, 8, 4, 3)
+
+
 # The interpreter runs programs one by one in numpy: the smallest blocks make the tests' small shapes span
 # several Gram blocks and d chunks (ragged edges included) on the same code path.
 _INTERPRET_TILES = _Tiles(16, 16, 1, 1)
+
+
+def _operand_dtype(dtype: torch.dtype, mode: Backend) -> torch.dtype:
+    """The dtype the kernel reads the atoms in: their own, except float16 / bfloat16 under Triton 3.5-3.8,
+    widened to float32 (exact) because those releases crash compiling a 16-bit -> float64 dot."""
+    half = dtype in (torch.float16, torch.bfloat16)
+    return torch.float32 if mode == "triton" and half and widens_half_before_fp64_dot() else dtype
 
 
 def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -164,7 +179,9 @@ def _launch(
     unit: torch.Tensor, idx: torch.Tensor, return_grams: bool, mode: Backend
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     batch, k = idx.shape
-    t = _INTERPRET_TILES if mode == "interpret" else _gpu_tiles(k)
+    fp64_dot = has_fp64_dot()
+    unit = unit.to(_operand_dtype(unit.dtype, mode))
+    t = _INTERPRET_TILES if mode == "interpret" else _gpu_tiles(k, fp64_dot)
     # _prepare checked n_atoms < 2**31; int32 halves the index bytes and registers.
     idx32 = idx.to(torch.int32).contiguous()
     best = _empty((batch,), torch.float64, unit.device)
@@ -188,6 +205,7 @@ def _launch(
         N_TILES=triton.cdiv(max(k, 1), t.tile),
         BLOCK_D=t.block_d,
         STORE_GRAM=return_grams,
+        FP64_DOT=fp64_dot,
         num_warps=t.num_warps,
         num_stages=t.num_stages,
     )

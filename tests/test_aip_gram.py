@@ -1,6 +1,6 @@
 """kernels/aip_gram.py: the Triton kernel through the interpreter against a dense float64 numpy reference and
-the torch reference, exact bin edges and thresholds, dispatch, bad input, and ahead-of-time compilation for
-sm_80 / sm_90.
+the torch reference, exact bin edges and thresholds, dispatch and bad input
+(ahead-of-time compilation: tests/test_kernels_aot.py).
 
 Tolerances. Every path computes the cosines of the *stored* rows, so the reference is numpy float64 on the
 stored values (bfloat16 and float16 upcast exactly). A dot product whose every term passes through at most
@@ -18,7 +18,6 @@ exactly.
 from __future__ import annotations
 
 import os
-import re
 from contextlib import contextmanager
 from unittest import mock
 
@@ -245,6 +244,18 @@ def test_float32_threshold_is_compared_as_float64():
     assert gram_reduce_reference(stored, thresholds=(0.3, above, below)).counts_above.tolist() == [1, 0, 1]
 
 
+@pytest.mark.parametrize("fp64_dot", [True, False], ids=["dmma", "fma-triton-3.4"])
+def test_float64_products_without_a_float64_dot(fp64_dot, monkeypatch):
+    """Triton 3.4 has no float64 tl.dot: the kernel multiplies and sums instead (kernels/compat.py). Both
+    forms against the dense float64 reference, on several tiles and d chunks."""
+    monkeypatch.setattr(ag, "has_fp64_dot", lambda: fp64_dot)
+    rng = np.random.default_rng(11)
+    stored = unit_rows(rng.standard_normal((40, 37)))
+    with interpreted(False):
+        stats = gram_reduce(stored, bins=20, thresholds=(0.3,))
+    check(stats, stored, 20, (0.3,))
+
+
 @pytest.mark.parametrize("banded", [False, True], ids=["one-launch", "three-bands"])
 def test_several_tiles_in_every_direction(banded):
     """n = 70 spans 5 tiles of 16 (3 groups of 2 x 2 tiles, 24 programs of which 9 are skipped), d = 37
@@ -304,116 +315,3 @@ def test_reference_computes_half_types_in_float32():
 def test_bad_input(mode, unit, kwargs, match):
     with backend_env(mode), pytest.raises(ValueError, match=match):
         gram_reduce(unit, **kwargs)
-
-
-# --------------------------------------------------------------------------------------------------------
-# Ahead-of-time compilation for sm_80 and sm_90
-# --------------------------------------------------------------------------------------------------------
-
-_TYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
-
-
-def _compile(dtype: torch.dtype, precision: str, capability: int, n_bins: int = 100, **pinned):
-    from atoms.kernels.aot import compile_for
-
-    b = ag._GPU_BLOCKS[(dtype, precision)]
-    acc = _TYPE[ag._compute_dtype(dtype)]
-    signature = {
-        "unit_ptr": f"*{_TYPE[dtype]}",
-        "row_max_ptr": f"*{acc}",
-        "row_idx_ptr": "*i32",
-        "col_max_ptr": f"*{acc}",
-        "col_idx_ptr": "*i32",
-        "hist_ptr": "*i64",
-        "limits_ptr": f"*{acc}",
-        "above_ptr": "*i64",
-        **dict.fromkeys(["N", "D", "stride_n", "bins", "n_limits", "s0", "q0", "band_n"], "i32"),
-    }
-    for name in pinned:  # integer arguments equal to 1 become constants in a launch
-        del signature[name]
-    constexprs = {
-        "stride_d": 1,  # contiguous atoms: a launch specialises the unit stride to a constant
-        "BLOCK": b.block,
-        "BLOCK_D": b.block_d,
-        "GROUP": b.group,
-        "BINS_P2": max(2, ag.triton.next_power_of_2(n_bins)),
-        "PRECISION": precision,
-        "DOT_FP32": False,
-        **pinned,
-    }
-    # Benchmark shape (16384 x 2304): pointers, N, D and the row stride are multiples of 16.
-    aligned = [n for n in signature if n.endswith("_ptr")] + ["N", "D", "stride_n", "band_n"]
-    return compile_for(
-        ag._gram_reduce_kernel,
-        signature,
-        constexprs,
-        capability,
-        num_warps=b.num_warps,
-        num_stages=b.num_stages,
-        aligned=[n for n in aligned if n in signature],
-    ), b
-
-
-# (dtype, precision): the instruction the dot must compile to on sm_80 and on sm_90.
-TENSOR_CORE = {
-    (torch.bfloat16, "ieee"): (
-        r"mma\.sync\.aligned\.m16n8k16\.row\.col\.f32\.bf16\.bf16\.f32",
-        r"wgmma\.mma_async\.sync\.aligned\.m64n128k16\.f32\.bf16\.bf16",
-    ),
-    (torch.float32, "tf32x3"): (
-        r"mma\.sync\.aligned\.m16n8k8\.row\.col\.f32\.tf32\.tf32\.f32",
-        r"wgmma\.mma_async\.sync\.aligned\.m64n128k8\.f32\.tf32\.tf32",
-    ),
-    # Hopper's wgmma has no float64 form: the float64 tensor cores are reached through mma.sync on both.
-    (torch.float64, "ieee"): (
-        r"mma\.sync\.aligned\.m8n8k4\.row\.col\.f64\.f64\.f64\.f64",
-        r"mma\.sync\.aligned\.m8n8k4\.row\.col\.f64\.f64\.f64\.f64",
-    ),
-}
-
-
-@pytest.mark.parametrize("capability", [80, 90])
-@pytest.mark.parametrize(
-    ("dtype", "precision"),
-    [(torch.bfloat16, "ieee"), (torch.float32, "ieee"), (torch.float32, "tf32x3"), (torch.float64, "ieee")],
-    ids=["bf16", "fp32-ieee", "fp32-tf32x3", "fp64"],
-)
-def test_compiles_to_the_intended_product_without_spills(dtype, precision, capability):
-    """float16 shares bfloat16's blocks and code path (m16n8k16 / m64n128k16 with f16 operands)."""
-    pytest.importorskip("triton")
-    info, b = _compile(dtype, precision, capability)
-    assert info.n_spills == 0, f"{info.n_regs} registers, {info.n_spills} bytes of spills"
-    assert info.shared <= 228 * 1024  # an H100 SM's shared memory
-    assert "cp.async" in info.ptx  # operand tiles stream into shared memory: the d loop is pipelined
-    if (dtype, precision) in TENSOR_CORE:
-        assert re.search(TENSOR_CORE[(dtype, precision)][capability == 90], info.ptx)
-        if dtype == torch.float64:
-            assert "wgmma" not in info.ptx
-    else:
-        # Exact fp32 products have no tensor-core instruction: the "ieee" dot is an FMA chain, one fma.rn.f32
-        # per accumulator and d step (BLOCK**2 BLOCK_D / threads per unrolled chunk).
-        assert not re.search(r"\bw?gmma|mma\.sync", info.ptx)
-        fmas = len(re.findall(r"\bfma\.rn\.f32\b", info.ptx))
-        assert fmas >= b.block**2 * b.block_d // (32 * b.num_warps)
-
-
-@pytest.mark.parametrize(
-    ("dtype", "precision", "capability"),
-    [(torch.bfloat16, "ieee", 80), (torch.float32, "tf32x3", 80), (torch.float32, "ieee", 90)],
-    ids=["bf16-sm80", "fp32-tf32x3-sm80", "fp32-ieee-sm90"],
-)
-def test_largest_kernel_histogram_compiles_without_spills(dtype, precision, capability):
-    """MAX_KERNEL_BINS counters in registers, on the three variants closest to 255 registers (all ten
-    dtype/precision/capability variants compiled without spills when this was written)."""
-    pytest.importorskip("triton")
-    info, _ = _compile(dtype, precision, capability, n_bins=ag.MAX_KERNEL_BINS)
-    assert info.n_spills == 0, f"{info.n_regs} registers, {info.n_spills} bytes of spills"
-
-
-def test_compiles_with_integer_arguments_pinned_to_one():
-    """A launch passes integer arguments equal to 1 as constants: bins == 1, one threshold, the second band
-    (s0 == 1, q0 == 1), a single atom of dimension 1 (N, D, stride_n, band_n)."""
-    pytest.importorskip("triton")
-    ones = dict.fromkeys(["N", "D", "stride_n", "bins", "n_limits", "s0", "q0", "band_n"], 1)
-    info, _ = _compile(torch.float32, "ieee", 80, n_bins=1, **ones)
-    assert info.n_spills == 0

@@ -1,5 +1,5 @@
 """Per-sample support Grams (kernels/support_gram.py): the Triton kernel through the interpreter, both torch
-paths, a dense numpy float64 reference, bad input, and ahead-of-time compilation for sm_80 / sm_90.
+paths, a dense numpy float64 reference and bad input (ahead-of-time compilation: tests/test_kernels_aot.py).
 
 Tolerances. Every path computes float64 dot products of the *stored* values (fp32/fp16/bf16 products are
 exact in float64), so against the numpy reference on the same stored values the only difference is the
@@ -11,7 +11,6 @@ float16 also flushes entries below 2**-14 to subnormals (absolute error 2**-25 e
 """
 
 import os
-import re
 from contextlib import contextmanager
 from unittest import mock
 
@@ -149,10 +148,13 @@ def test_torch_paths_agree(problem, dtype, chunk_bytes):
         assert_matches(out, expected, unit.shape[1], grams=True)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_kernel_several_blocks(dtype):
+@pytest.mark.parametrize("fp64_dot", [True, False], ids=["dmma", "fma-triton-3.4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_kernel_several_blocks(dtype, fp64_dot, monkeypatch):
     """k = 40 spans three 16-wide blocks in the interpreter (six block pairs, mirrored Gram stores) and
-    d = 37 three 16-wide chunks; padding and zero values fall in every block."""
+    d = 37 three 16-wide chunks; padding and zero values fall in every block. Both float64 products: the
+    float64 tl.dot, and the multiply-and-sum that Triton 3.4 (no float64 dot) compiles instead."""
+    monkeypatch.setattr(sg, "has_fp64_dot", lambda: fp64_dot)
     rng = np.random.default_rng(3)
     unit = random_unit(90, 37, rng).to(dtype)
     indices = torch.from_numpy(np.stack([rng.permutation(90)[:40] for _ in range(3)]))
@@ -256,64 +258,3 @@ def test_padding_may_repeat_and_zero_values_still_count_as_listed():
     assert out.support_size.tolist() == [2]
     with pytest.raises(ValueError, match="sample 0 lists atom 2 more than once"):
         support_coherence_reference(unit, torch.tensor([[2, 2]]), torch.tensor([[1.0, 0.0]]))
-
-
-# --------------------------------------------------------------------------------------------------------
-# Ahead-of-time compilation for sm_80 and sm_90
-# --------------------------------------------------------------------------------------------------------
-
-
-def _compile(dtype: str, k: int, store: bool, capability: int):
-    from atoms.kernels.aot import compile_for
-
-    t = sg._gpu_tiles(k)
-    signature = {
-        "unit_ptr": f"*{dtype}",
-        "idx_ptr": "*i32",
-        "max_ptr": "*fp64",
-        "gram_ptr": "*fp64",
-        **dict.fromkeys(["K", "D", "stride_un", "stride_ib", "stride_gb", "stride_gi"], "i32"),
-    }
-    constexprs = {
-        "stride_ud": 1,  # a launch specialises the unit column stride 1 to a constant
-        "TILE": t.tile,
-        "N_TILES": -(-k // t.tile),
-        "BLOCK_D": t.block_d,
-        "STORE_GRAM": store,
-    }
-    # Benchmark shape d = 2304: the pointers, D and the row stride of unit are multiples of 16.
-    aligned = ["unit_ptr", "idx_ptr", "max_ptr", "gram_ptr", "D", "stride_un"]
-    return compile_for(
-        sg._support_gram_kernel,
-        signature,
-        constexprs,
-        capability,
-        num_warps=t.num_warps,
-        num_stages=t.num_stages,
-        aligned=aligned,
-    )
-
-
-@pytest.mark.parametrize("capability", [80, 90])
-@pytest.mark.parametrize(
-    ("dtype", "k", "store"),
-    [
-        ("fp32", 32, False),
-        ("bf16", 32, True),
-        ("fp32", 64, True),
-        ("bf16", 64, False),
-        ("fp32", 128, True),
-        ("bf16", 128, True),
-    ],
-    ids=["fp32-k32", "bf16-k32-grams", "fp32-k64-grams", "bf16-k64", "fp32-k128-grams", "bf16-k128-grams"],
-)
-def test_compiles_with_float64_tensor_cores_and_no_spills(dtype, k, store, capability):
-    """The float64 Gram is a DMMA tensor-core product on both architectures. Hopper's wgmma has no float64
-    form (its operand types are f16, bf16, tf32, e4m3/e5m2, s8/u8), so on sm_90 the float64 tensor cores
-    are reached through mma.sync, as on sm_80, and no wgmma appears."""
-    pytest.importorskip("triton")
-    info = _compile(dtype, k, store, capability)
-    assert re.search(r"mma\.sync\.aligned\.m8n8k4\.row\.col\.f64\.f64\.f64\.f64", info.ptx)
-    assert "wgmma" not in info.ptx
-    assert "cp.async" in info.ptx  # the gathers are pipelined
-    assert info.n_spills == 0, f"{info.n_regs} registers, {info.n_spills} bytes of spills"
