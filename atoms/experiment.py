@@ -1304,7 +1304,7 @@ def run_experiment(config: ExperimentConfig | None = None, progress: bool = True
     config = ExperimentConfig() if config is None else config
     if not isinstance(config, ExperimentConfig):
         raise BadInputError(f"config must be an ExperimentConfig, got {type(config).__name__}.")
-    started = datetime.datetime.now(datetime.timezone.utc)
+    started = datetime.datetime.now(datetime.UTC)
     wall0, cpu0 = time.perf_counter(), time.process_time()
     load_start = _load_average()
     threads = choose_threads(config.threads)

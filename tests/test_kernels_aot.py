@@ -30,18 +30,14 @@ pytestmark = pytest.mark.aot
 TYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
 CAPABILITIES = [80, 90]
 H100_SHARED = 228 * 1024  # bytes of shared memory of an H100 SM
-DMMA = r"mma\.sync\.aligned\.m8n8k4\.row\.col\.f64\.f64\.f64\.f64"
-
-
-def float64_tensor_cores(capability: int) -> bool:
-    """Whether this Triton compiles a float64 `tl.dot` to DMMA for `capability`: not at all before 3.5 (no
-    float64 dot; kernels/compat.py), and on sm_90 only from 3.8 (3.5 to 3.7 lower it to FMAs there)."""
-    return has_fp64_dot() and (capability == 80 or triton_version() >= (3, 8))
+# m8n8k4 on sm_80; Hopper also has m16n8k{4,8,16} float64 shapes, which Triton 3.5-3.7 pick there.
+DMMA = r"mma\.sync\.aligned\.m\d+n8k\d+\.row\.col\.f64\.f64\.f64\.f64"
 
 
 def assert_float64_product(ptx: str, capability: int) -> None:
+    """DMMA where Triton has a float64 `tl.dot` (3.5 on), FMA-unit products before (kernels/compat.py)."""
     assert "wgmma" not in ptx
-    if float64_tensor_cores(capability):
+    if has_fp64_dot():
         assert re.search(DMMA, ptx), f"sm_{capability}: no DMMA instruction in the PTX"
         assert "cp.async" in ptx  # the operand loads are pipelined
     else:
@@ -50,8 +46,9 @@ def assert_float64_product(ptx: str, capability: int) -> None:
 
 
 def _known_support_spills(capability: int) -> int:
-    """0, except where Triton 3.5 to 3.7 lower the Hopper float64 dot to FMAs, which spills 8-32 bytes
-    (measured, kernels/NOTES.md): a slower kernel there, not a wrong one, and outside `make aot`'s ends."""
+    """0, except on sm_90 under Triton 3.5 to 3.7, whose m16n8k16 float64 products spill up to 32 bytes in
+    some support-Gram variants (measured, kernels/NOTES.md): slower there, not wrong, and outside the
+    releases `make aot` holds to no spills."""
     return 32 if capability == 90 and (3, 5) <= triton_version() < (3, 8) else 0
 
 
