@@ -135,7 +135,7 @@ class _Tiles(NamedTuple):
     num_stages: int
 
 
-def _gpu_tiles(k: int, fp64_dot: bool = True) -> _Tiles:
+def _gpu_tiles(k: int, dtype: torch.dtype, fp64_dot: bool = True) -> _Tiles:
     """H100 tiles for samples of width k (kernels/NOTES.md, support Gram, has the numbers).
 
     Up to k = 64 the whole Gram is one block, k padded to a power of two of at least 16 (tl.dot's minimum):
@@ -144,14 +144,16 @@ def _gpu_tiles(k: int, fp64_dot: bool = True) -> _Tiles:
     BLOCK_D = 64 reads each gathered row in contiguous 256-byte (fp32) or 128-byte (bf16) pieces, whole
     cache lines. Compiled for sm_80 and sm_90 (tests/test_support_gram.py), none of these spill; at k = 32
     an fp32 input takes 72 registers at 4 warps and 16 KiB of shared memory, so up to seven programs share
-    an SM and keep their gathers in flight.
+    an SM and keep their gathers in flight. float64 atoms read 32 columns a chunk (the same 256 bytes a row):
+    with 64, k = 128 spilled 16 bytes on sm_90 (Triton 3.9).
     """
     if not fp64_dot:
         return _FMA_TILES
+    block_d = 32 if dtype == torch.float64 else 64
     if k <= 64:
         tile = max(16, triton.next_power_of_2(max(k, 1)))
-        return _Tiles(tile, 64, 4 if tile <= 32 else 8, 3)
-    return _Tiles(32, 64, 8, 3)
+        return _Tiles(tile, block_d, 4 if tile <= 32 else 8, 3)
+    return _Tiles(32, block_d, 8, 3)
 
 
 # Without a float64 tl.dot (Triton 3.4) the (TILE, BLOCK_D, TILE) broadcast product lives in registers.
@@ -181,7 +183,7 @@ def _launch(
     batch, k = idx.shape
     fp64_dot = has_fp64_dot()
     unit = unit.to(_operand_dtype(unit.dtype, mode))
-    t = _INTERPRET_TILES if mode == "interpret" else _gpu_tiles(k, fp64_dot)
+    t = _INTERPRET_TILES if mode == "interpret" else _gpu_tiles(k, unit.dtype, fp64_dot)
     # _prepare checked n_atoms < 2**31; int32 halves the index bytes and registers.
     idx32 = idx.to(torch.int32).contiguous()
     best = _empty((batch,), torch.float64, unit.device)

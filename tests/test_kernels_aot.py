@@ -315,7 +315,7 @@ def _support_compile(dtype: torch.dtype, k: int, store: bool, capability: int):
     """Compile what a launch on `dtype` atoms compiles (16-bit atoms are read as float32 where the Triton
     release needs it, kernels/compat.py)."""
     fp64_dot = sg.has_fp64_dot()
-    t = sg._gpu_tiles(k, fp64_dot)
+    t = sg._gpu_tiles(k, sg._operand_dtype(dtype, "triton"), fp64_dot)
     signature = {
         "unit_ptr": f"*{TYPE[sg._operand_dtype(dtype, 'triton')]}",
         "idx_ptr": "*i32",
