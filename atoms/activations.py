@@ -103,7 +103,7 @@ class Capture:
         return self._tokens
 
     def activations(self, layer: int) -> torch.Tensor:
-        """All rows of `layer`, (n_tokens, d) float32, read from memory or from the shards."""
+        """All rows of `layer`, (n_tokens, d) float32 on the CPU, read from memory or from the shards."""
         if layer not in self.layers:
             raise BadInputError(
                 f"layer {layer} was not captured; this capture holds layers {list(self.layers)}."
@@ -359,7 +359,8 @@ def capture(
 
     `on_shard(shards_done, tokens_done)` is called after each commit (for progress reports); an exception from
     it stops the capture at that commit, resumable like any interruption. `device=None` uses the model's
-    device. Returns a `Capture`; `n_tokens` is below `max_tokens` only if the texts ran out.
+    device; whatever it is, the rows are kept on the CPU (they outgrow an accelerator's memory). Returns a
+    `Capture`; `n_tokens` is below `max_tokens` only if the texts ran out.
     """
     texts = _check_texts(texts)
     blocks = decoder_layers(model)

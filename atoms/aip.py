@@ -12,6 +12,7 @@ never shifted by the mean, because atoms are directions through the origin.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -96,13 +97,13 @@ class SecondMoment:
 
     @property
     def mean(self) -> torch.Tensor:
-        """Mean activation, (d,) float64."""
+        """Mean activation, (d,) float64 on the CPU."""
         self._require_samples()
         return self._mean.clone()
 
     @property
     def matrix(self) -> torch.Tensor:
-        """E[x x^T], or the covariance when center=True; (d, d) float64, divided by the count."""
+        """E[x x^T], or the covariance when center=True; (d, d) float64 on the CPU, divided by the count."""
         self._require_samples()
         cov = self._m2 / self._count
         if self.center:
@@ -210,8 +211,8 @@ class SecondMoment:
 class Angles(NamedTuple):
     """Angles between pairs of vectors and their summary.
 
-    degrees: (n_pairs,) float64 angles in degrees; cosines: (n_pairs,) float64; mean, median: of degrees;
-    mean_abs_cos: mean of |cosines|.
+    degrees: (n_pairs,) float64 angles in degrees; cosines: (n_pairs,) float64, both on the vectors' device;
+    mean, median: of degrees; mean_abs_cos: mean of |cosines|.
     """
 
     degrees: torch.Tensor
@@ -296,24 +297,26 @@ def _unit_rows(u: torch.Tensor, what: str) -> torch.Tensor:
     return u / norms[:, None]
 
 
+def _median(values: torch.Tensor) -> float:
+    """numpy.median of a 1-D tensor on its own device: the mean of the two middle values when n is even."""
+    ordered = values.sort().values
+    n = ordered.numel()
+    return float((ordered[(n - 1) // 2] + ordered[n // 2]) / 2)
+
+
 def _angles(unit: torch.Tensor, pairs: Pairs, seed: int) -> Angles:
-    """Angles between rows of `unit` (n, d) float64, unit-norm, over the pairs chosen by `_sample_pairs`."""
+    """Angles between rows of `unit` (n, d) float64, unit-norm, over the pairs chosen by `_sample_pairs`;
+    degrees and cosines on unit's device."""
     n = unit.shape[0]
-    i, j = _sample_pairs(n, pairs, seed)
+    i, j = (index.to(unit.device) for index in _sample_pairs(n, pairs, seed))
     if n <= 4096 and 8 * i.numel() >= n * (n - 1):
         # When the pairs cover a quarter of all pairs or more, one BLAS Gram (n <= 4096: at most 128 MiB) is
         # much faster than gathering two rows per pair; for fewer pairs the gather does less work.
-        gram = unit @ unit.T
-        cos = gram[i.to(unit.device), j.to(unit.device)].cpu()
+        cos = (unit @ unit.T)[i, j]
     else:
         chunk = max(1, (1 << 24) // unit.shape[1])
         cos = torch.cat(
-            [
-                (unit[i[s : s + chunk].to(unit.device)] * unit[j[s : s + chunk].to(unit.device)])
-                .sum(-1)
-                .cpu()
-                for s in range(0, i.numel(), chunk)
-            ]
+            [(unit[i[s : s + chunk]] * unit[j[s : s + chunk]]).sum(-1) for s in range(0, i.numel(), chunk)]
         )
     # Cosines of unit vectors can exceed 1 by rounding; clamp only for arccos, the cosines stay as computed.
     degrees = torch.rad2deg(torch.arccos(cos.clamp(-1.0, 1.0)))
@@ -321,7 +324,7 @@ def _angles(unit: torch.Tensor, pairs: Pairs, seed: int) -> Angles:
         degrees=degrees,
         cosines=cos,
         mean=float(degrees.mean()),
-        median=float(np.median(degrees.numpy())),
+        median=_median(degrees),
         mean_abs_cos=float(cos.abs().mean()),
     )
 
@@ -347,6 +350,33 @@ def _suggest_ridge(eig: torch.Tensor, trace_over_d: float, max_condition: float)
     return 10.0 ** max(-6, math.ceil(math.log10(max(needed, 1e-300))))
 
 
+def _moment_of(
+    activations: torch.Tensor | np.ndarray | Iterable[torch.Tensor | np.ndarray], center: bool
+) -> SecondMoment:
+    """The SecondMoment of one (..., d) tensor or array, or of every batch of an iterable of them."""
+    if isinstance(activations, (torch.Tensor, np.ndarray)):
+        x = as_float_tensor(activations, "activations")
+        return SecondMoment(x.shape[-1], center).update(x)
+    if not isinstance(activations, Iterable) or isinstance(activations, (str, bytes, dict)):
+        raise BadInputError(
+            "activations must be a (..., d) tensor or array, or an iterable of (batch, d) ones (a "
+            f"DataLoader, a generator, a list of batches); got {type(activations).__name__}. To stream from "
+            "a source of another kind, update an atoms.aip.SecondMoment batch by batch and call "
+            "AIP.from_moment."
+        )
+    moment: SecondMoment | None = None
+    for i, batch in enumerate(activations):
+        if isinstance(batch, (tuple, list)) and len(batch) == 1:
+            batch = batch[0]
+        x = as_float_tensor(batch, f"activations batch {i}", d=None if moment is None else moment.d)
+        if moment is None:
+            moment = SecondMoment(x.shape[-1], center)
+        moment.update(x)
+    if moment is None:
+        raise BadInputError("activations yielded no batches; pass an iterable that yields (batch, d) ones.")
+    return moment
+
+
 def whiten_rows(rows: torch.Tensor, cholesky: torch.Tensor) -> torch.Tensor:
     """X~ = X L^{-T} for rows X (n, d) and the lower Cholesky factor L (d, d) of the second moment, in their
     (shared) dtype; row-major (n, d).
@@ -363,10 +393,11 @@ class AIP:
     """Atomic inner product x^T C^{-1} y, held as the lower Cholesky factor L of C (d, d) float64.
 
     Build with `fit` (activations), `from_moment` (a SecondMoment or a (d, d) matrix) or `from_dictionary`
-    (C = W_dec^T W_dec). Attributes: d, cholesky (d, d) float64, ridge (the relative ridge added, 0.0 if
-    none), condition_number (of C after the ridge), n_samples (vectors behind C; None if unknown or built from
-    a dictionary), center (True: covariance, False: uncentered moment, None: not built from activations).
-    Vectors are never shifted by a mean: `center` changes only the metric.
+    (C = W_dec^T W_dec), from tensors on any device. Attributes: d, cholesky (d, d) float64 on the CPU (cast
+    to each input's dtype and device on use, so every method answers on its input's device), ridge (the
+    relative ridge added, 0.0 if none), condition_number (of C after the ridge), n_samples (vectors behind C;
+    None if unknown or built from a dictionary), center (True: covariance, False: uncentered moment, None:
+    not built from activations). Vectors are never shifted by a mean: `center` changes only the metric.
     """
 
     def __init__(
@@ -477,14 +508,18 @@ class AIP:
     @classmethod
     def fit(
         cls,
-        activations: torch.Tensor | np.ndarray,
+        activations: torch.Tensor | np.ndarray | Iterable[torch.Tensor | np.ndarray],
         center: bool = False,
         ridge: float = 0.0,
         max_condition: float = 1e10,
     ) -> AIP:
-        """AIP of activations (..., d): C is their uncentered second moment (covariance if center=True)."""
-        x = as_float_tensor(activations, "activations")
-        return cls.from_moment(SecondMoment(x.shape[-1], center).update(x), ridge, max_condition)
+        """AIP of activations: C is their uncentered second moment (covariance if center=True).
+
+        activations: one (..., d) tensor or array, or any iterable of (batch, d) ones (a DataLoader, a
+        generator, a list of batches; a batch given as a 1-tuple, as a DataLoader over a TensorDataset yields
+        it, is unpacked). Batches stream through a SecondMoment in float64, never concatenated.
+        """
+        return cls.from_moment(_moment_of(activations, center), ridge, max_condition)
 
     @classmethod
     def from_dictionary(

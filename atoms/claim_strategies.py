@@ -8,11 +8,15 @@ fast. The draws lean on the edges where a theorem can only just hold:
   edge(K) (1 - slack) with a small slack, and K at the largest value the premise allows for the drawn
   dictionary;
 - the known frames (simplex and Steiner ETFs, Dirac-Hadamard, the Gershgorin-tight frame), which reach the
-  classical bounds with equality, beside Gaussian and near-duplicate dictionaries;
+  classical bounds with equality, beside Gaussian and near-duplicate dictionaries, and exact twins
+  (duplicate and antipodal atoms, coherence 1: spark 2, and l1 minimisers that are not unique);
 - codes at the edges of [dmin, dmax] (`synth.planted_codes(edge=...)`) and on adversarial supports: "crowd"
   puts K atoms most correlated with an off-support atom at dmax (the off-support pre-activation peaks),
   "oppose" puts an atom at dmin beside K - 1 atoms that pull its pre-activation down;
-- thresholds at the TSAE window's edges (tau = lower end + slack, upper end - slack), inside it, and outside.
+- thresholds at the TSAE window's edges (tau = lower end + slack, upper end - slack), inside it, and beyond
+  either end by a relative 1e-9 to 0.99 (half the time under 1e-2). The "window" family couples the three:
+  K + 1 atoms pairwise at cosine +mu or -mu, codes that reach the window's lower or upper end exactly, and
+  tau just inside that end or under 1e-2 beyond it, so a window 1 % too wide at either end is refuted.
 
 Every instance's label is the generator call that rebuilds it. Sizes come from `Sizes`; the verify engine's
 budgets pick them. Draws start with the family, then K, then sizes and seeds, each from small values, so
@@ -49,6 +53,8 @@ FAMILIES = (
     "orthonormal",
     "gaussian",
     "near_duplicate",
+    "duplicate",
+    "window",
 )
 _SEEDS = st.integers(min_value=0, max_value=2**32 - 1)
 # Steiner ETFs by shape (n_atoms, d) -> (v, block size), smallest first.
@@ -59,6 +65,10 @@ _REACHABLE = 1.25
 # Slacks under a premise's edge: tiny ones probe the boundary, but stay well above float64 rounding (~1e-16
 # times K), where a strict inequality that holds "by 1e-17" says nothing about the theorem.
 _SLACKS = st.sampled_from((1e-9, 1e-6, 1e-3, 0.02)) | st.floats(0.0, 0.5, exclude_min=True)
+# Relative distances of tau beyond an end of the TSAE window: just beyond (under 1e-2, so that a window 1 %
+# too wide at either end holds tau; at least 1e-9, clear of float64 rounding) or far beyond.
+_JUST_BEYOND = st.sampled_from((1e-9, 1e-6, 1e-3)) | st.floats(1e-9, 1e-2)
+_BEYOND = _JUST_BEYOND | st.floats(1e-2, 0.99)
 CodeMode = Literal["random", "crowd", "oppose"]
 
 
@@ -106,8 +116,12 @@ class Recipe:
 
 
 class _Drawn(NamedTuple):
+    """A dictionary, the generator call that rebuilds it, and for the "window" family the end of the TSAE
+    window ("lower" or "upper") that its codes reach and its threshold sits at."""
+
     atoms: torch.Tensor
     label: str
+    window_end: Literal["lower", "upper"] | None = None
 
 
 def _uniqueness_edge(k: int) -> float:
@@ -134,10 +148,18 @@ _FRAMES = ("simplex", "steiner", "dirac_hadamard", "gershgorin")
 _WELCH = Recipe(
     families=("simplex", "steiner", "welch", "orthonormal", "gaussian", "near_duplicate"), k_max=1
 )
-_RIP = Recipe(families=(*_FRAMES, "coherent", "gaussian", "near_duplicate"), k_min=2, rip_order=1)
-_SPARK = Recipe(families=(*_FRAMES, "coherent", "gaussian", "near_duplicate"), k_max=1, spark=True)
-_EDGE_FAMILIES = ("edge", *_FRAMES, "coherent", "gaussian", "near_duplicate")
-_TSAE = Recipe(families=_EDGE_FAMILIES, edge=_uniqueness_edge, room=1, codes="nonneg", threshold=True)
+_DICTIONARIES = (*_FRAMES, "coherent", "gaussian", "near_duplicate", "duplicate")
+_RIP = Recipe(families=_DICTIONARIES, k_min=2, rip_order=1)
+_SPARK = Recipe(families=_DICTIONARIES, k_max=1, spark=True)
+_EDGE_FAMILIES = ("edge", *_DICTIONARIES)
+# Without the exact twins: at coherence 1 the window is empty, so they would only dilute the search.
+_TSAE = Recipe(
+    families=("edge", *_FRAMES, "coherent", "gaussian", "near_duplicate", "window"),
+    edge=_uniqueness_edge,
+    room=1,
+    codes="nonneg",
+    threshold=True,
+)
 
 RECIPES: dict[str, Recipe] = {
     "welch": _WELCH,
@@ -151,11 +173,15 @@ RECIPES: dict[str, Recipe] = {
     "false_uniqueness": Recipe(families=_EDGE_FAMILIES, edge=_false_uniqueness_edge, spark=True),
     "l1_coherence": Recipe(families=_EDGE_FAMILIES, edge=_uniqueness_edge, room=1, codes="any"),
     "false_l1_twice": Recipe(families=_EDGE_FAMILIES, edge=_false_l1_edge, room=1, codes="any"),
+    # K = 1 whatever mu; false_l1_twice's edge (1 at K = 1) lets the edge family draw mu up to 0.999.
+    "false_l1_one_sparse": Recipe(families=_EDGE_FAMILIES, edge=_false_l1_edge, k_max=1, room=1, codes="any"),
     "l1_erc": Recipe(families=_EDGE_FAMILIES, edge=_uniqueness_edge, room=1, codes="any"),
     "l1_rip": Recipe(families=_EDGE_FAMILIES, edge=_rip_edge, room=1, rip_order=2, codes="any"),
     "tsae_support": _TSAE,
     "tsae_refit": _TSAE,
     "false_tsae_low_threshold": _TSAE,
+    "false_tsae_lower_end": _TSAE,
+    "false_tsae_upper_end": _TSAE,
     "tsae_code_error": Recipe(families=_EDGE_FAMILIES, edge=_uniqueness_edge, room=1, codes="any"),
     "false_tsae_exact_raw": Recipe(families=_EDGE_FAMILIES, edge=_uniqueness_edge, room=1, codes="any"),
 }
@@ -170,7 +196,7 @@ def recipe_for(claim: Claim) -> Recipe:
     if "codes" in claim.needs:
         codes = "nonneg" if "dmin" in claim.needs else "any"
         return Recipe(families=_EDGE_FAMILIES, edge=_uniqueness_edge, room=1, codes=codes)
-    return Recipe(families=(*_FRAMES, "coherent", "gaussian", "near_duplicate"), spark=True)
+    return Recipe(families=_DICTIONARIES, spark=True)
 
 
 def _subsets(n_atoms: int, d: int) -> int:
@@ -310,7 +336,35 @@ def _dictionary(draw: st.DrawFn, family: str, k: int, recipe: Recipe, sizes: Siz
         return _Drawn(
             synth.gaussian_dictionary(n, d, seed), f"synth.gaussian_dictionary({n}, {d}, seed={seed})"
         )
+    if family == "duplicate":
+        n, d = _draw_shape(draw, k, recipe, sizes, over=None, least=2)
+        seed = draw(_SEEDS)
+        return _Drawn(
+            synth.twin_dictionary(n, d, seed), f"synth.twin_dictionary(n_atoms={n}, d={d}, seed={seed})"
+        )
+    if family == "window":
+        return draw(_window(k, recipe, sizes))
     raise BadInputError(f"unknown dictionary family {family!r}; choose from {FAMILIES}.")
+
+
+@st.composite
+def _window(draw: st.DrawFn, k: int, recipe: Recipe, sizes: Sizes) -> _Drawn:
+    """K + 1 atoms pairwise at cosine +mu (K of them crowd the last one up to the window's lower end
+    mu K dmax) or -mu (one at dmin beside K - 1 at dmax sinks to the upper end dmin - mu (K - 1) dmax), with
+    mu under the edge where the window is non-empty. Only for threshold recipes."""
+    ds = [d for d in range(k + 1, sizes.max_d + 1) if _fits(k + 1, d, k, recipe, sizes)]
+    if not recipe.threshold or not ds:
+        reject()
+    end = draw(st.sampled_from(("lower", "upper")))
+    # At least 1e-9 under the edge: a float slack of 1e-300 would round mu onto it (an empty window).
+    mu = recipe.edge(k) * (1.0 - max(draw(_SLACKS), 1e-9))
+    d = draw(st.sampled_from(ds))
+    negative = end == "upper"
+    return _Drawn(
+        synth.gershgorin_tight_frame(k + 1, mu, d=d, n_atoms=k + 1, negative=negative),
+        f"synth.gershgorin_tight_frame(K={k + 1}, mu={mu!r}, d={d}, n_atoms={k + 1}, negative={negative})",
+        end,
+    )
 
 
 def _largest_k(mu: float, k: int, recipe: Recipe, sizes: Sizes, n: int, d: int) -> int:
@@ -375,16 +429,30 @@ def codes(
     return torch.from_numpy(values)
 
 
+# The code mode that reaches each end of the TSAE window on the "window" family's atoms.
+_REACH: dict[str, CodeMode] = {"lower": "crowd", "upper": "oppose"}
+
+
 @st.composite
 def _codes(
-    draw: st.DrawFn, atoms: torch.Tensor, k: int, recipe: Recipe, sizes: Sizes, dmin: float, dmax: float
+    draw: st.DrawFn,
+    atoms: torch.Tensor,
+    k: int,
+    recipe: Recipe,
+    sizes: Sizes,
+    dmin: float,
+    dmax: float,
+    window_end: str | None,
 ) -> tuple[torch.Tensor, str]:
     n_samples = draw(st.integers(1, sizes.max_samples))
     nonneg = {"nonneg": True, "signed": False}.get(recipe.codes)
     if nonneg is None:
         nonneg = draw(st.booleans())
-    modes = ("random", "crowd", "oppose") if atoms.shape[0] > k else ("random",)
-    mode = draw(st.sampled_from(modes))
+    if window_end is not None:
+        mode = _REACH[window_end]
+    else:
+        modes = ("random", "crowd", "oppose") if atoms.shape[0] > k else ("random",)
+        mode = draw(st.sampled_from(modes))
     edge = draw(st.sampled_from((1.0, 0.5, 0.0)))
     seed = draw(_SEEDS)
     values = codes(atoms, n_samples, k, dmin, dmax, nonneg, seed, edge=edge, mode=mode)
@@ -411,23 +479,33 @@ def _magnitudes(draw: st.DrawFn, eps: float, k: int, recipe: Recipe) -> tuple[fl
     return dmax * max(width, 0.05), dmax
 
 
-def _threshold(draw: st.DrawFn, eps: float, k: int, dmin: float, dmax: float) -> tuple[float, str]:
-    """tau at the window eps K dmax < tau < dmin - eps (K - 1) dmax: near either end, inside, or outside."""
+_PLACES = ("at the lower end", "at the upper end", "inside", "below the window", "above the window")
+# The "window" family's places at each end: beyond it first (where shrinking goes), or just inside.
+_END_PLACES = {
+    "lower": ("below the window", "at the lower end"),
+    "upper": ("above the window", "at the upper end"),
+}
+
+
+def _threshold(
+    draw: st.DrawFn, eps: float, k: int, dmin: float, dmax: float, window_end: str | None
+) -> tuple[float, str]:
+    """tau at the window eps K dmax < tau < dmin - eps (K - 1) dmax: just inside either end, inside, or a
+    relative distance beyond either end (half the time under 1e-2); only at `window_end` when given, and
+    then beyond it by under 1e-2."""
     lower, upper = eps * k * dmax, dmin - eps * (k - 1) * dmax
-    where = draw(
-        st.sampled_from(
-            ("at the lower end", "at the upper end", "inside", "below the window", "above the window")
-        )
-    )
+    where = draw(st.sampled_from(_PLACES if window_end is None else _END_PLACES[window_end]))
+    beyond = _BEYOND if window_end is None else _JUST_BEYOND
     width = upper - lower
     # An absolute slack of at least 1e-9 dmax from either end keeps the instance clear of float64 rounding.
     least = 1e-9 * dmax
     if where in ("at the lower end", "at the upper end", "inside") and width <= 2 * least:
-        where = "below the window"  # the window is empty or too thin to sit in
-    if where == "above the window":
-        tau = max(upper, lower) + draw(st.floats(1e-6, 1.0)) * dmax
-    elif where == "below the window":
-        tau = min(lower, upper) * draw(st.floats(0.01, 1.0 - 1e-6))
+        # The window is empty or too thin to sit in: beyond it (beyond the window family's end).
+        where = "below the window" if window_end is None else _END_PLACES[window_end][0]
+    if where == "below the window":
+        tau = min(lower, upper) * (1.0 - draw(beyond))
+    elif where == "above the window":
+        tau = max(lower, upper) * (1.0 + draw(beyond))
     else:
         fraction = draw(st.floats(0, 1)) if where == "inside" else draw(_SLACKS)
         slack = min(max(fraction * width, least), width - least)
@@ -453,10 +531,10 @@ def _instances(draw: st.DrawFn, recipe: Recipe, sizes: Sizes) -> Instance:
     values = threshold = dmin = dmax = None
     if recipe.codes is not None:
         dmin, dmax = _magnitudes(draw, dic.coherence(), k, recipe)
-        values, code_label = draw(_codes(dic.unit, k, recipe, sizes, dmin, dmax))
+        values, code_label = draw(_codes(dic.unit, k, recipe, sizes, dmin, dmax, drawn.window_end))
         label += f"; {code_label}"
     if recipe.threshold:
-        threshold, where = _threshold(draw, dic.coherence(), k, dmin, dmax)
+        threshold, where = _threshold(draw, dic.coherence(), k, dmin, dmax, drawn.window_end)
         label += f"; tau={threshold!r} ({where})"
     return instance(dic, k, codes=values, threshold=threshold, dmin=dmin, dmax=dmax, label=label)
 

@@ -401,9 +401,9 @@ DEFINITIONS: dict[str, str] = {
     _CERT + "bp_fraction": "Fraction of the basis-pursuit subsample recovered exactly (relative error < "
     "1e-5).",
     _CERT + "bp_n": "Samples solved by basis pursuit.",
-    _CERT + "bp_recovered": "Basis-pursuit samples recovered (relative error < 1e-5).",
-    _CERT + "bp_flagged": "Basis-pursuit samples between 1e-5 and 1e-3 relative error.",
-    _CERT + "bp_failed": "Basis-pursuit samples over 1e-3 relative error.",
+    _CERT + "bp_recovered": "Basis-pursuit samples recovered (relative error < 1e-5, dual certificate).",
+    _CERT + "bp_flagged": "Basis-pursuit samples neither recovered nor failed (1e-5 to 1e-3, or unproven).",
+    _CERT + "bp_failed": "Basis-pursuit samples over 1e-3 relative error or with a rival code.",
     _CERT + "bp_interval": "Wilson 95% interval of bp_fraction.",
     _CERT + "bp_interval.*": "Wilson 95% interval of bp_fraction (low, high).",
     _CERT + "seconds": "Wall seconds of the certified fractions of this dictionary.",

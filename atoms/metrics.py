@@ -33,7 +33,7 @@ from atoms.dictionary import Dictionary
 from atoms.errors import BadInputError, IllConditionedError, as_float_tensor
 from atoms.kernels.progress import Progress, ticker
 from atoms.kernels.support_gram import support_coherence
-from atoms.recovery import RecoveryResult, basis_pursuit, erc, wilson_interval
+from atoms.recovery import RecoveryResult, basis_pursuit, certify_codes, erc, wilson_interval
 from atoms.uniqueness import spark_lower_bounds
 
 __all__ = [
@@ -237,7 +237,8 @@ def to_sparse(codes_dense: Array, k_max: int | None = None) -> tuple[torch.Tenso
 
 
 def _sparse(indices: Array, values: Array, n_atoms: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Checked sparse codes: indices (n, k) int64, values (n, k) float64, active mask (n, k), on the CPU."""
+    """Checked sparse codes: indices (n, k) int64, values (n, k) float64, active mask (n, k) on values'
+    device."""
     if isinstance(indices, np.ndarray):
         indices = torch.from_numpy(indices)
     if not isinstance(indices, torch.Tensor):
@@ -258,8 +259,7 @@ def _sparse(indices: Array, values: Array, n_atoms: int) -> tuple[torch.Tensor, 
             f"values has shape {tuple(vals.shape)} but indices {tuple(indices.shape)}; pass one value per "
             "index."
         )
-    idx = indices.to(device="cpu", dtype=torch.int64)
-    vals = vals.cpu()
+    idx = indices.to(device=vals.device, dtype=torch.int64)
     bad = (idx < -1) | (idx >= n_atoms)
     if bool(bad.any()):
         b, j = (int(v) for v in bad.nonzero()[0])
@@ -277,7 +277,7 @@ def _sparse(indices: Array, values: Array, n_atoms: int) -> tuple[torch.Tensor, 
             "atom index, or set it to 0."
         )
     if idx.shape[1] >= 2:
-        filler = -1 - torch.arange(idx.shape[1])
+        filler = -1 - torch.arange(idx.shape[1], device=idx.device)
         ordered = torch.where(padded, filler, idx).sort(dim=1).values
         repeated = (ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)
         if bool(repeated.any()):
@@ -303,16 +303,15 @@ def unit_codes(dictionary: Dictionary, values: Array, indices: Array | None = No
 
     Whitening is linear, so m~ = sum_j delta_j norms_j unit_j: each coefficient is multiplied by its atom's
     AIP norm (`dictionary.norms`). values: dense (n, n_atoms) when `indices` is None, else sparse (n, k)
-    aligned with indices (n, k) (padding -1 with value 0). Returns the same layout. For a TSAE, whose atoms
-    have AIP norm 1 in scaled-input units, this is the identity.
+    aligned with indices (n, k) (padding -1 with value 0). Returns the same layout, on values' device. For a
+    TSAE, whose atoms have AIP norm 1 in scaled-input units, this is the identity.
     """
     dictionary = _check_dictionary(dictionary)
-    norms = dictionary.norms.cpu()
     if indices is None:
         dense = as_float_tensor(values, "values", ndim_min=2, d=dictionary.n_atoms, dtype=torch.float64)
-        return dense.cpu() * norms
+        return dense * dictionary.norms.to(dense.device)
     idx, vals, _ = _sparse(indices, values, dictionary.n_atoms)
-    return torch.where(idx >= 0, vals * norms[idx.clamp(min=0)], 0.0)
+    return torch.where(idx >= 0, vals * dictionary.norms.to(vals.device)[idx.clamp(min=0)], 0.0)
 
 
 def neuron_dictionary(d: int, aip: AIP | None = None) -> Dictionary:
@@ -350,19 +349,20 @@ def per_sample_coherence(
     has an AIP), 2048 samples per call. Returns mu (n,) float64 (0.0 when |L_i| < 2) and l0 (n,) int64.
     Memory: on the CPU the full (n_atoms, n_atoms) Gram only up to 4096 atoms (128 MiB), beyond that each
     sample's k rows gathered in chunks of about 64 MiB; never an (n, n_atoms) array. progress: False, True
-    (a tqdm bar on stderr) or a hook(done, total), counting calls.
+    (a tqdm bar on stderr) or a hook(done, total), counting calls. Computed on the dictionary's device,
+    returned on values' device.
     """
     dictionary = _check_dictionary(dictionary)
     idx, vals, _ = _sparse(indices, values, dictionary.n_atoms)
     unit = dictionary.unit
     chunk = 2048  # samples per call: progress steps; each call re-checks that `unit` is finite (O(n_atoms d))
-    mu = torch.empty(idx.shape[0], dtype=torch.float64)
-    l0 = torch.empty(idx.shape[0], dtype=torch.int64)
+    mu = torch.empty(idx.shape[0], dtype=torch.float64, device=vals.device)
+    l0 = torch.empty(idx.shape[0], dtype=torch.int64, device=vals.device)
     with ticker(progress, -(-idx.shape[0] // chunk), "per-sample coherence", "call") as bar:
         for s in range(0, idx.shape[0], chunk):
             part = slice(s, s + chunk)
             out = support_coherence(unit, idx[part].to(unit.device), vals[part].to(unit.device))
-            mu[part], l0[part] = out.max_abs_cos.cpu(), out.support_size.cpu()
+            mu[part], l0[part] = out.max_abs_cos.to(mu.device), out.support_size.to(l0.device)
             bar.advance()
     return mu, l0
 
@@ -457,9 +457,10 @@ class Certified(NamedTuple):
     ("coherence", "babel" or "given").
     erc: Tropp's ERC(L_i) < 1 (basis pursuit and OMP recover every code on L_i), on a random subsample of
     erc_n samples (erc_rows); erc_values (erc_n,) the coefficients, erc_interval a Wilson 95% interval.
-    bp: basis pursuit on m~ = code @ unit recovers the code: relative error under 1e-5 counts as recovered,
-    over 1e-3 failed, in between flagged (SPEC section 7); bp_fraction = recovered / bp_n with a Wilson
-    interval, on a random subsample of bp_n samples (bp_rows).
+    bp: basis pursuit on m~ = code @ unit recovers the code: relative error under 1e-5 and a dual certificate
+    of uniqueness checked on the answer count as recovered, over 1e-3 (or a rival code of no larger l1 norm)
+    failed, the rest flagged (SPEC section 7, `atoms.recovery.classify`); bp_fraction = recovered / bp_n with
+    a Wilson interval, on a random subsample of bp_n samples (bp_rows).
     A fraction with no sample (erc_samples=0 or bp_samples=0) is NaN, its interval (NaN, NaN).
     """
 
@@ -536,15 +537,18 @@ def certified_fractions(
     proven by a dual certificate or a duality gap; with `bp_fallback` False, a sample it proves nothing
     about is flagged instead of being re-solved by HiGHS), "linprog" (HiGHS per sample: 14 s each at 2304
     atoms in d = 576), "cvxpy", "omp", or a callable with the signature of `atoms.recovery.basis_pursuit`
-    (W_dec, m, *, nonneg, true_codes) returning its RecoveryResult. nonneg: solve the non-negative basis
-    pursuit (a TSAE's codes are non-negative, which makes recovery easier); False solves theorem 3's signed
-    one.
+    (W_dec, m, *, nonneg, true_codes) returning its RecoveryResult; a callable's "recovered" counts only where
+    `atoms.recovery.certify_codes` certifies its code (flagged otherwise). nonneg: solve the non-negative
+    basis pursuit (a TSAE's codes are non-negative, which makes recovery easier); False solves theorem 3's
+    signed one.
     A sample with the zero code counts as certified under all three (its representation is unique).
     progress: False, True (tqdm bars on stderr) or a hook(done, total): the spark bounds' walks each report
     (when spark_lower is None), then one series over the ERC samples plus one step for the whole BP batch.
     Cost measured here at 2304 random atoms in d = 576 (2 shared cores): the spark bounds 13 s, ERC about 1 s
     per sample. Memory: the spark bounds O(tile x n_atoms), ERC O(n_atoms x d) per sample, and BP a dense
     (bp_samples, n_atoms) code array: keep bp_samples small for large dictionaries.
+    Devices: ERC runs in numpy on a CPU copy, basis pursuit's batched solver on the dictionary's device; the
+    result's tensors are on values' device.
     """
     start = time.perf_counter()
     dictionary = _check_dictionary(dictionary)
@@ -559,7 +563,7 @@ def certified_fractions(
         )
     n = idx.shape[0]
     l0 = active.sum(dim=1)
-    unit = dictionary.unit.cpu()
+    unit = dictionary.unit
 
     if spark_lower is None:
         coh, bab = spark_lower_bounds(dictionary, progress=progress)
@@ -581,19 +585,20 @@ def certified_fractions(
     bp_rows = order[:bp_samples].sort().values
     bar = ticker(progress, erc_rows.numel() + (bp_rows.numel() > 0), "ERC and basis pursuit", "step")
     erc_list = []
+    host_unit, host_idx, host_active = unit.cpu(), idx.cpu(), active.cpu()
     for i in erc_rows.tolist():
-        erc_list.append(_erc_of_support(unit, idx[i][active[i]]))
+        erc_list.append(_erc_of_support(host_unit, host_idx[i][host_active[i]]))
         bar.advance()
-    erc_values = torch.tensor(erc_list, dtype=torch.float64)
+    erc_values = torch.tensor(erc_list, dtype=torch.float64, device=vals.device)
     erc_count = int((erc_values < 1).sum())
 
     counts = {"recovered": 0, "flagged": 0, "failed": 0}
     solver_name = bp_solver if isinstance(bp_solver, str) else getattr(bp_solver, "__name__", repr(bp_solver))
     if bp_rows.numel():
-        dense = torch.zeros(bp_rows.numel(), dictionary.n_atoms, dtype=torch.float64)
+        dense = torch.zeros(bp_rows.numel(), dictionary.n_atoms, dtype=torch.float64, device=vals.device)
         # scatter_add: padding entries all point at column 0 and must add 0 there, not overwrite atom 0.
         dense.scatter_add_(1, idx[bp_rows].clamp(min=0), torch.where(active[bp_rows], vals[bp_rows], 0.0))
-        m = dense @ unit
+        m = dense @ unit.to(dense.device)
         if isinstance(bp_solver, str):
             extra = {"fallback": bp_fallback} if bp_solver == "batched" else {}
             result = basis_pursuit(unit, m, nonneg=nonneg, solver=bp_solver, true_codes=dense, **extra)
@@ -604,7 +609,15 @@ def certified_fractions(
                 f"bp_solver {solver_name} returned no per-sample decisions for {bp_rows.numel()} problems; "
                 "it must return atoms.recovery.RecoveryResult with decisions (it receives true_codes)."
             )
-        for decision in result.decisions:
+        decisions = result.decisions
+        if not isinstance(bp_solver, str):
+            # basis_pursuit recovers only certified answers; another solver's word is checked here.
+            proven = certify_codes(unit, m, result.codes, nonneg=nonneg).tolist()
+            decisions = [
+                "flagged" if decision == "recovered" and not ok else decision
+                for decision, ok in zip(decisions, proven, strict=True)
+            ]
+        for decision in decisions:
             counts[decision] += 1
         bar.advance()
     bar.close()
@@ -620,14 +633,14 @@ def certified_fractions(
         erc_fraction=erc_count / n_erc if n_erc else math.nan,
         erc_interval=_interval(erc_count, n_erc),
         erc_values=erc_values,
-        erc_rows=erc_rows,
+        erc_rows=erc_rows.to(vals.device),
         bp_n=n_bp,
         bp_recovered=counts["recovered"],
         bp_flagged=counts["flagged"],
         bp_failed=counts["failed"],
         bp_fraction=counts["recovered"] / n_bp if n_bp else math.nan,
         bp_interval=_interval(counts["recovered"], n_bp),
-        bp_rows=bp_rows,
+        bp_rows=bp_rows.to(vals.device),
         bp_solver=solver_name,
         seconds=time.perf_counter() - start,
     )
@@ -696,7 +709,7 @@ def tsae_window(dictionary: Dictionary, codes: Codes | Array, threshold: Array) 
     scaled-input units and its atoms have AIP norm 1, so they go in as they are. Its encoder fires on
     (u - b_dec) @ W_enc + b_enc >= theta; to fold the biases in, pass theta - b_enc + b_dec @ W_enc. The
     theorem assumes W_enc = unit^T; a trained encoder may differ, so this measures the premise on the decoder,
-    the codes and the thresholds, not the encoder itself.
+    the codes and the thresholds, not the encoder itself. Computed and returned on the codes' device.
     """
     dictionary = _check_dictionary(dictionary)
     n_atoms = dictionary.n_atoms
@@ -709,7 +722,8 @@ def tsae_window(dictionary: Dictionary, codes: Codes | Array, threshold: Array) 
             "codes must be a tuple (indices, values) or a dense (n, n_atoms) array, got "
             f"{type(codes).__name__}."
         )
-    tau = as_float_tensor(threshold, "threshold", dtype=torch.float64).cpu()
+    device = vals.device
+    tau = as_float_tensor(threshold, "threshold", dtype=torch.float64).to(device)
     if tau.shape != (n_atoms,):
         raise BadInputError(
             f"threshold has shape {tuple(tau.shape)}; pass one threshold per atom, shape ({n_atoms},)."
@@ -729,13 +743,13 @@ def tsae_window(dictionary: Dictionary, codes: Codes | Array, threshold: Array) 
     dmax = float(act_vals.max())
     dmin = float(torch.where(active, vals, math.inf).min())
     eps = dictionary.coherence()
-    eps_j = dictionary.max_coherence()[0].cpu()
+    eps_j = dictionary.max_coherence()[0].to(device)
 
     g_lower, g_upper = eps * K * dmax, dmin - eps * (K - 1) * dmax
     atoms_in_global = float(((tau > g_lower) & (tau < g_upper)).double().mean())
 
     flat = idx[active]
-    dmin_j = torch.full((n_atoms,), math.inf, dtype=torch.float64).scatter_reduce(
+    dmin_j = torch.full((n_atoms,), math.inf, dtype=torch.float64, device=device).scatter_reduce(
         0, flat, vals[active], reduce="amin"
     )
     firing = torch.isfinite(dmin_j)

@@ -125,7 +125,8 @@ def _greedy(dic: Dictionary, K: int, seeds: int, beam: int, best: _Best) -> None
             score = (U[support] @ U.T).abs().sum(dim=0)
             score[support] = -math.inf
             cand = score.topk(min(beam, n - len(support))).indices
-            trial = torch.cat([torch.tensor(support).expand(cand.numel(), -1), cand[:, None]], dim=1)
+            grown = torch.tensor(support, device=cand.device).expand(cand.numel(), -1)
+            trial = torch.cat([grown, cand[:, None]], dim=1)
             dev = _deviations(U, trial)
             if trial.shape[1] == K:
                 best.update(trial, dev)
@@ -152,6 +153,7 @@ def rip_constant(
     on (chunk, K, K) Grams. Otherwise the result is a lower bound (kind "lower_bound"): the maximum over
     `samples` uniform random supports and supports grown greedily from the `greedy_seeds` most coherent pairs.
     Upper bounds: Gershgorin (K - 1) mu and babel mu1(K - 1) (SPEC section 4, theorem 1).
+    The Grams are computed on D's device.
     """
     start = time.perf_counter()
     dic = D if isinstance(D, Dictionary) else Dictionary(D)

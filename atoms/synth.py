@@ -32,6 +32,7 @@ __all__ = [
     "planted_codes",
     "simplex_etf",
     "steiner_etf",
+    "twin_dictionary",
 ]
 
 Seed = int | np.random.Generator | torch.Generator
@@ -379,14 +380,39 @@ def near_duplicate_dictionary(
     return torch.from_numpy(w)
 
 
+def twin_dictionary(n_atoms: int, d: int, seed: Seed) -> torch.Tensor:
+    """A unit-norm dictionary `(n_atoms, d)` float64 of exact twins: atom h + i is atom i or its negation, bit
+    for bit (h = n_atoms - n_atoms // 2, i < n_atoms // 2), the sign drawn per pair; atoms 0..h-1 are
+    Gaussian. So the coherence is 1 (to rounding) and the spark 2, and a code on a twinned atom is not the
+    unique l1 minimiser: splitting it between the twins keeps its image and its l1 norm. Needs d >= 2 (in
+    d = 1 every pair is a twin already).
+    """
+    n_atoms = _int_arg(n_atoms, "n_atoms", 2)
+    d = _int_arg(d, "d", 2)
+    rng = _rng(seed)
+    pairs = n_atoms // 2
+    base = _unit_rows(rng.standard_normal((n_atoms - pairs, d)))
+    signs = rng.choice(np.array([-1.0, 1.0]), size=(pairs, 1))
+    return torch.from_numpy(np.vstack([base, signs * base[:pairs]]))
+
+
 def gershgorin_tight_frame(
-    K: int, mu: float, d: int | None = None, n_atoms: int | None = None, seed: Seed = 0
+    K: int,
+    mu: float,
+    d: int | None = None,
+    n_atoms: int | None = None,
+    seed: Seed = 0,
+    *,
+    negative: bool = False,
 ) -> torch.Tensor:
     """A dictionary `(n_atoms, d)` float64 whose first K atoms reach the Gershgorin bound (K - 1) mu.
 
     The first K atoms have Gram (1 - mu) I + mu 1 1^T (every pairwise cosine +mu). Its largest eigenvalue
     is 1 + (K - 1) mu, so ||G - I||_2 = (K - 1) mu: the Gershgorin bound of SPEC section 4.1 holds with
-    equality. They are the rows of the Cholesky factor of that Gram (positive definite for mu in [0, 1)), in
+    equality. With `negative`, every pairwise cosine is -mu instead: Gram (1 + mu) I - mu 1 1^T, whose
+    smallest eigenvalue 1 - (K - 1) mu reaches the bound from below (positive definite only for
+    mu < 1/(K - 1)); there each planted atom at dmin beside the others at dmax sinks to the TSAE window's
+    upper end dmin - mu (K - 1) dmax. The planted atoms are the rows of the Cholesky factor of the Gram, in
     the first K coordinates. The other atoms keep coherence <= mu: first the basis vectors e_K, ..., e_(d-1)
     (orthogonal to the planted ones), then, past d atoms, random unit vectors kept only if no |cos| with an
     earlier atom exceeds mu. So the dictionary's coherence is mu and its delta_K is exactly (K - 1) mu.
@@ -398,6 +424,11 @@ def gershgorin_tight_frame(
         raise BadInputError(
             f"mu={mu} is outside [0, 1); the Gram (1 - mu) I + mu 11^T is singular at mu = 1."
         )
+    if negative and (K - 1) * mu >= 1.0:
+        raise BadInputError(
+            f"negative=True with K={K} needs mu < 1/(K - 1) = {1.0 / (K - 1):.6g}, got mu={mu}: K vectors "
+            "cannot be pairwise at cosine -mu beyond that. Pass a smaller mu or K."
+        )
     d = K if d is None else _int_arg(d, "d", 1)
     n_atoms = d if n_atoms is None else _int_arg(n_atoms, "n_atoms", 1)
     if d < K or n_atoms < K:
@@ -405,7 +436,8 @@ def gershgorin_tight_frame(
             f"K={K} planted atoms need d >= K and n_atoms >= K (got d={d}, n_atoms={n_atoms}); raise d "
             "and n_atoms."
         )
-    gram = (1.0 - mu) * np.eye(K) + mu * np.ones((K, K))
+    cos = -mu if negative else mu
+    gram = (1.0 - cos) * np.eye(K) + cos * np.ones((K, K))
     w = np.zeros((n_atoms, d))
     w[:K, :K] = np.linalg.cholesky(gram)
     n_basis = min(n_atoms, d) - K

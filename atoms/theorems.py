@@ -118,8 +118,10 @@ class Verdict(NamedTuple):
     """A claim's outcome on one instance.
 
     premise / conclusion: True, False, or None (conclusion undecided). The margins are > 0 inside the
-    inequality and < 0 outside it, in the inequality's own units. `evidence` says how the conclusion was
-    decided (exact value, bound, solver errors) and, for a counterexample, what the counterexample is.
+    inequality and < 0 outside it, in the inequality's own units; the premise is True when its margin
+    exceeds RELATIVE_TOLERANCE times the size of what it compares (`Claim.premise_scale`). `evidence` says
+    how the conclusion was decided (exact value, bound, solver errors) and, for a counterexample, what the
+    counterexample is.
     """
 
     premise: bool
@@ -136,17 +138,44 @@ class Verdict(NamedTuple):
 
 Outcome = tuple[bool | None, float, str]
 
-# A strict premise that holds by less than this is within float64 rounding of its boundary and is not taken
-# as held: ERC of [I; H_4/2] on atoms {3, 7} is 1 in exact arithmetic, computes just under it, and the dual
-# certificate it promises then fails by 2e-16 (found by proofs_check). Strategies draw >= 1e-9 from edges.
-PREMISE_TOLERANCE = 1e-12
+# Every comparison of theorems.py allows float64 rounding relative to the size of what it compares: a
+# quantity of size s built from a few dozen roundings is off by ~1e-16 s per rounding, so RELATIVE_TOLERANCE
+# times s leaves room for 1e4 of them. An absolute slack is wrong at both ends of the scale: 1e-12 refuted
+# the raw code error bound at dmax = 1e4 (margin -1.4e-12, i.e. -1.4e-16 relative), took rounding for a held
+# TSAE window at dmax = 1e6 and rejected windows held by 1e-9 relative at dmax = 1e-6. A strict premise
+# must hold by more than this: ERC of [I; H_4/2] on atoms {3, 7} is 1 in exact arithmetic, computes just
+# under it, and the dual certificate it promises then fails by 2e-16 (found by proofs_check). Strategies
+# draw >= 1e-9 (relative) from edges.
+RELATIVE_TOLERANCE = 1e-12
+
+
+def _tolerance(*quantities: float) -> float:
+    """RELATIVE_TOLERANCE times the largest finite |quantity| (an infinite one is compared exactly)."""
+    return RELATIVE_TOLERANCE * max((abs(q) for q in quantities if math.isfinite(q)), default=0.0)
+
+
+def _unit_scale(inst: Instance) -> float:
+    """The size of a dimensionless premise's two sides (coherences, ERC, delta_2K and their limits): 1."""
+    return 1.0
+
+
+def _k_scale(inst: Instance) -> float:
+    """The size of both sides of K < f (1 + 1/mu), equal at the premise's edge: K."""
+    return float(inst.k)
+
+
+def _code_scale(inst: Instance) -> float:
+    """The size of the TSAE window's ends and of a pre-activation (K terms of at most dmax): K dmax."""
+    return inst.k * inst.dmax
 
 
 @dataclass(frozen=True)
 class Claim:
     """A theorem, or a planted false variant of one, as premise => conclusion on an Instance.
 
-    premise(inst) -> margin (> 0 iff the premise holds); conclusion(inst) -> (held, margin, evidence).
+    premise(inst) -> margin (> 0 inside the inequality, in its own units); conclusion(inst) -> (held, margin,
+    evidence). premise_scale(inst) -> the size of the quantities the premise compares: the premise holds when
+    its margin exceeds RELATIVE_TOLERANCE times that (float64 rounding at its edge is not taken as held).
     needs: the Instance fields the claim reads besides the dictionary and K.
     """
 
@@ -158,6 +187,7 @@ class Claim:
     needs: tuple[str, ...] = ()
     source: str = ""
     planted_false: bool = False
+    premise_scale: Callable[[Instance], float] = _unit_scale
 
     def check(self, inst: Instance) -> Verdict:
         """Evaluate premise and conclusion on `inst` (the conclusion even when the premise fails: the report
@@ -170,7 +200,7 @@ class Claim:
             )
         margin = float(self.premise(inst))
         held, c_margin, evidence = self.conclusion(inst)
-        return Verdict(margin > PREMISE_TOLERANCE, margin, held, float(c_margin), evidence)
+        return Verdict(margin > _tolerance(self.premise_scale(inst)), margin, held, float(c_margin), evidence)
 
 
 # ---- premises ----
@@ -225,39 +255,46 @@ def _rip_recovery_premise(inst: Instance, limit: float = 1.0 / math.sqrt(2.0)) -
     return limit - rip.value
 
 
-def _tsae_window(inst: Instance, lower: bool = True, upper: bool = True) -> float:
-    """eps K dmax < tau < dmin - eps (K - 1) dmax, as the smaller of the two slacks (eps = coherence).
+def _tsae_window(inst: Instance, lower: float = 1.0, widen: float = 0.0) -> float:
+    """eps K dmax < tau < dmin - eps (K - 1) dmax, as the smaller of the two slacks (eps = coherence), in code
+    units (its scale is K dmax, `_code_scale`). The planted false variants move the ends: the lower end
+    times `lower` (0: tau > 0 only), the upper end up by `widen` dmax.
 
     The theorem is about non-negative codes (a negative entry is zeroed by any threshold): -inf otherwise."""
     if bool((inst.codes < 0).any()):
         return -math.inf
     eps, k, tau = inst.mu, inst.k, inst.threshold
-    slacks = []
-    if lower:
-        slacks.append(tau - eps * k * inst.dmax)
-    if upper:
-        slacks.append(inst.dmin - eps * (k - 1) * inst.dmax - tau)
-    return min(slacks)
+    return min(
+        tau - lower * eps * k * inst.dmax,
+        inst.dmin - eps * (k - 1) * inst.dmax + widen * inst.dmax - tau,
+    )
+
+
+def _one_sparse(inst: Instance) -> float:
+    """K = 1, as the margin 1.5 - K (K is an integer); mu <= 1 holds for every dictionary."""
+    return 1.5 - inst.k
 
 
 # ---- conclusions ----
 
 
 def _welch(inst: Instance, factor: float = 1.0) -> Outcome:
+    """mu >= factor x the Welch bound, up to rounding relative to the larger of the two (ETFs meet it)."""
     dic = inst.dictionary
     bound = factor * welch_bound(dic.n_atoms, dic.d)
     margin = inst.mu - bound
-    # Coherence is exact (a float64 reduction); allow rounding at ETFs, where mu equals the bound.
-    held = margin >= -1e-12
+    held = margin >= -_tolerance(inst.mu, bound)
     return held, margin, f"mu = {inst.mu:.12g}, bound = {bound:.12g}"
 
 
 def _rip_bound(inst: Instance, bound: Callable[[Instance], float], name: str) -> Outcome:
+    """delta_K <= bound, up to rounding relative to ||G_SS|| = 1 + delta_K (delta_K is computed from it by
+    cancellation) or to the bound, whichever is larger."""
     rip = rip_constant(inst.dictionary, inst.k)
     b = bound(inst)
     margin = b - rip.value
     evidence = f"delta_K {rip.kind} = {rip.value:.9g} on support {rip.support}, {name} = {b:.9g}"
-    if margin < -1e-12:
+    if margin < -_tolerance(1.0 + rip.value, b):
         return False, margin, evidence
     return (True if rip.kind == "exact" else None), margin, evidence
 
@@ -280,13 +317,16 @@ def _exact_spark(inst: Instance) -> tuple[float | None, float, float, str]:
 
 
 def _spark_bound(inst: Instance, factor: float = 1.0) -> Outcome:
+    """spark >= 1 + factor/mu; the spark is an integer, the bound is allowed rounding relative to its size
+    (the simplex and exact twins meet it: spark d + 1 = 1 + 1/mu, spark 2 = 1 + 1/1)."""
     bound = 1.0 + factor / inst.mu if inst.mu > 0 else math.inf
     value, lower, upper, evidence = _exact_spark(inst)
     evidence += f", 1 + {factor:g}/mu = {bound:.9g}"
-    if upper < bound - 1e-9:
+    slack = _tolerance(bound)
+    if upper < bound - slack:
         return False, upper - bound, evidence
     if value is None:
-        return (True if lower >= bound - 1e-9 else None), lower - bound, evidence
+        return (True if lower >= bound - slack else None), lower - bound, evidence
     return True, value - bound, evidence
 
 
@@ -309,7 +349,8 @@ _RECOVERED, _FAILED = 1e-5, 1e-3
 def _l1_recovers(inst: Instance, nonneg: bool = False) -> Outcome:
     """Basis pursuit (the cvxpy reference) recovers every planted code exactly.
 
-    The margin is in decades: log10(1e-5 / worst relative error), > 0 when every code is recovered."""
+    The bands are relative code errors (SPEC section 7), so they scale with the codes. The margin is in
+    decades: log10(1e-5 / worst relative error), > 0 when every code is recovered."""
     unit = inst.dictionary.unit
     result = basis_pursuit(unit, inst.codes @ unit, nonneg=nonneg, solver="cvxpy", true_codes=inst.codes)
     worst = float(result.errors.max())
@@ -328,8 +369,9 @@ def _l1_recovers(inst: Instance, nonneg: bool = False) -> Outcome:
 def _tsae_supports(inst: Instance) -> Outcome:
     """The threshold encoder with W_enc = whitened atoms transposed recovers every support exactly.
 
-    Margin: the smallest gap between a code's pre-activation and tau, over on-support (z - tau) and
-    off-support (tau - z) entries, in code units."""
+    Supports are compared exactly, without a slack: the window premise keeps tau a relative tolerance away
+    from the pre-activations the theorem bounds. Margin: the smallest gap between a code's pre-activation and
+    tau, over on-support (z - tau) and off-support (tau - z) entries, in code units."""
     unit = inst.dictionary.unit
     m = inst.codes @ unit
     n_atoms = unit.shape[0]
@@ -353,7 +395,8 @@ def _tsae_supports(inst: Instance) -> Outcome:
 def _tsae_refit(inst: Instance) -> Outcome:
     """Least squares on the encoder's support reconstructs m exactly (the paper's 'exact reconstruction').
 
-    Margin in decades: log10(1e-10 / worst relative residual)."""
+    Exactly means a residual under 1e-10 relative to ||m||. Margin in decades: log10(1e-10 / worst relative
+    residual)."""
     unit = inst.dictionary.unit
     m = inst.codes @ unit
     n_atoms = unit.shape[0]
@@ -372,7 +415,11 @@ def _tsae_refit(inst: Instance) -> Outcome:
 
 
 def _tsae_code_error(inst: Instance, factor: float = 1.0) -> Outcome:
-    """Raw codes (no refit) are off by at most eps (K - 1) dmax per entry on the support (times `factor`)."""
+    """Raw codes (no refit) are off by at most eps (K - 1) dmax per entry on the support (times `factor`).
+
+    The error is a pre-activation (a sum of K terms of at most dmax) minus a code: it is allowed rounding
+    relative to K dmax. The Gershgorin-tight frame attains the bound exactly, where an absolute slack failed
+    from dmax = 3.7e3 up."""
     unit = inst.dictionary.unit
     z = inst.codes @ unit @ unit.T
     on = inst.codes != 0
@@ -380,7 +427,7 @@ def _tsae_code_error(inst: Instance, factor: float = 1.0) -> Outcome:
     bound = factor * inst.mu * (inst.k - 1) * inst.dmax
     margin = bound - error
     return (
-        margin >= -1e-12,
+        margin >= -_tolerance(_code_scale(inst)),
         margin,
         f"max raw code error {error:.6g}, bound eps (K-1) dmax x {factor:g} = {bound:.6g}",
     )
@@ -437,6 +484,7 @@ CLAIMS: tuple[Claim, ...] = (
         _l1_recovers,
         needs=("codes",),
         source="Donoho-Elad 2003, Gribonval-Nielsen 2003",
+        premise_scale=_k_scale,
     ),
     Claim(
         "l1_erc",
@@ -464,6 +512,7 @@ CLAIMS: tuple[Claim, ...] = (
         _tsae_supports,
         needs=("codes", "threshold", "dmin", "dmax"),
         source="SPEC 4.4",
+        premise_scale=_code_scale,
     ),
     Claim(
         "tsae_refit",
@@ -473,6 +522,7 @@ CLAIMS: tuple[Claim, ...] = (
         _tsae_refit,
         needs=("codes", "threshold", "dmin", "dmax"),
         source="SPEC 4.4 (the paper's exact reconstruction, after a refit)",
+        premise_scale=_code_scale,
     ),
     Claim(
         "tsae_code_error",
@@ -526,15 +576,49 @@ FALSE_VARIANTS: tuple[Claim, ...] = (
         _l1_recovers,
         needs=("codes",),
         planted_false=True,
+        premise_scale=_k_scale,
+    ),
+    Claim(
+        "false_l1_one_sparse",
+        "3 (exact l1 recovery)",
+        "K = 1 (any mu <= 1)  =>  basis pursuit recovers every 1-sparse code (false: an exact duplicate or "
+        "antipode of the atom splits the code)",
+        _one_sparse,
+        _l1_recovers,
+        needs=("codes",),
+        planted_false=True,
     ),
     Claim(
         "false_tsae_low_threshold",
         "4 (TSAE identifiability)",
         "tau < dmin - eps (K-1) dmax alone (no lower end of the window)  =>  supports recovered",
-        lambda inst: _tsae_window(inst, lower=False),
+        lambda inst: _tsae_window(inst, lower=0.0),
         _tsae_supports,
         needs=("codes", "threshold", "dmin", "dmax"),
         planted_false=True,
+        premise_scale=_code_scale,
+    ),
+    Claim(
+        "false_tsae_lower_end",
+        "4 (TSAE identifiability)",
+        "0.99 eps K dmax < tau < dmin - eps (K-1) dmax  =>  supports recovered (false: K atoms at dmax, "
+        "each at cosine +eps with an off-support atom, lift it to eps K dmax)",
+        lambda inst: _tsae_window(inst, lower=0.99),
+        _tsae_supports,
+        needs=("codes", "threshold", "dmin", "dmax"),
+        planted_false=True,
+        premise_scale=_code_scale,
+    ),
+    Claim(
+        "false_tsae_upper_end",
+        "4 (TSAE identifiability)",
+        "eps K dmax < tau < dmin - eps (K-1) dmax + 0.01 dmax  =>  supports recovered (false: an atom at "
+        "dmin beside K - 1 atoms at cosine -eps and dmax sinks to the window's upper end)",
+        lambda inst: _tsae_window(inst, widen=0.01),
+        _tsae_supports,
+        needs=("codes", "threshold", "dmin", "dmax"),
+        planted_false=True,
+        premise_scale=_code_scale,
     ),
     Claim(
         "false_tsae_exact_raw",

@@ -2,6 +2,11 @@
 
 Usable from other code at two levels: `train_step(model, optimizer, batch, state)` inside a loop of one's own
 (with `make_optimizer` and `TrainState.start`), or `train(model, activations, config)` for the whole run.
+`model` is a TSAE, a ReLUSAE, or an SAE module of one's own with SAELens-style weights, trained in place
+through `atoms.tsae.as_sae`: W_enc (d, n), b_enc (n,), W_dec (n, d), b_dec (d,), and threshold or
+log_threshold (n,) for a JumpReLU SAE. Such a module stays on its raw activations (input scale 1); what it
+lacks comes from the config (sparsity_coefficient, bandwidth) or the TSAE's defaults, and `TrainState.start`
+folds its decoder norms into its encoder when they are not 1.
 
 Each step: the learning rate and the sparsity coefficient ramp up linearly over their warm-up steps; the loss
 is back-propagated; the gradient component along each decoder row is removed (SAELens does the same: it would
@@ -39,10 +44,11 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from atoms.distributed import agree, comm_device, is_distributed, shard, world
 from atoms.errors import BadInputError, as_float_tensor
-from atoms.tsae import SparseAutoencoder
+from atoms.tsae import TSAE, SparseAutoencoder, as_sae
 
 __all__ = [
     "StepStats",
@@ -61,6 +67,10 @@ CHECKPOINT_VERSION = 1
 _RESUMABLE_CHANGES = ("steps", "checkpoint_every", "keep_checkpoints", "log_every")
 # StepStats fields that TrainResult returns as per-step tensors.
 _HISTORY = ("loss", "recon_loss", "sparsity_loss", "l0", "dead", "coefficient", "lr")
+# Decoder rows further than this from unit norm are folded into the encoder before training. Rows that
+# `constrain_` normalised stay within rounding of 1 (bfloat16: about 4e-3); a SAELens-style decoder,
+# initialised at norm 0.1 and never normalised, is far outside.
+UNIT_NORM_TOLERANCE = 1e-2
 
 
 @dataclass
@@ -79,7 +89,13 @@ class TrainConfig:
     sparsity_warmup_steps: int = 1000
     """The sparsity coefficient rises linearly over these steps, as the learning rate does; 0 disables it."""
     sparsity_coefficient: float | None = None
-    """lambda: the L0 coefficient of a TSAE, the L1 coefficient of a ReLU SAE; None uses the model's own."""
+    """lambda: the L0 coefficient of a JumpReLU SAE, the L1 coefficient of a ReLU SAE; None uses the model's
+    own (for a module of one's own, the TSAE's default 1e-3 or the ReLU SAE's 5e-3, tuned for inputs at unit
+    mean squared norm: set it, or target_l0, for activations on another scale)."""
+    bandwidth: float | None = None
+    """Bandwidth of the JumpReLU threshold pseudo-derivative for a module of one's own, in units of its
+    pre-activations; None: the TSAE's default 0.001. A TSAE keeps its own (TSAE(bandwidth=...)); a ReLU SAE
+    has no threshold to use it."""
     target_l0: float | None = None
     """If set, lambda adapts towards this mean L0 per sample after the sparsity warm-up: each step multiplies
     it by exp(target_l0_gain * clip((l0 - target_l0) / target_l0, -1, 1)), an integral controller on log
@@ -95,7 +111,8 @@ class TrainConfig:
     """Seed of the generator that shuffles a tensor of activations (a fresh permutation every epoch)."""
     fit_input_scale: bool = True
     """On a fresh start, measure the model's input scale on up to input_scale_samples vectors (the first batch
-    of an iterator) so its inputs have unit mean squared norm; False keeps the model's input_scale."""
+    of an iterator) so its inputs have unit mean squared norm; False keeps the model's input_scale. A module
+    of one's own keeps its raw activations (input scale 1) either way."""
     input_scale_samples: int = 65_536
     """Random vectors the input scale is measured on, when training from a tensor."""
     dead_window: int = 1_000_000
@@ -127,6 +144,7 @@ class TrainConfig:
                 self.sparsity_coefficient is None or self.sparsity_coefficient >= 0,
                 "None or a float >= 0",
             ),
+            ("bandwidth", self.bandwidth is None or self.bandwidth > 0, "None or a float > 0"),
             ("target_l0", self.target_l0 is None or self.target_l0 > 0, "None or a float > 0"),
             ("target_l0_gain", self.target_l0_gain > 0, "a float > 0"),
             ("betas", len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "two floats in [0, 1)"),
@@ -169,7 +187,8 @@ class StepStats(NamedTuple):
 
 
 class TrainResult(NamedTuple):
-    """A finished run: per-step histories (steps,) as float64 tensors (int64 for dead), and the end state."""
+    """A finished run: per-step histories (steps,) as float64 tensors (int64 for dead), and the end state;
+    every tensor on the model's device."""
 
     loss: torch.Tensor
     recon_loss: torch.Tensor
@@ -197,19 +216,30 @@ class TrainState:
     tokens_seen: int = 0
 
     @classmethod
-    def start(cls, model: SparseAutoencoder, config: TrainConfig) -> TrainState:
-        """The state before the first step of `model` under `config`."""
+    def start(cls, model: nn.Module, config: TrainConfig) -> TrainState:
+        """The state before the first step of `model` (a TSAE, a ReLUSAE or a module of one's own, see the
+        module docstring) under `config`.
+
+        If a decoder row's norm differs from 1 by more than UNIT_NORM_TOLERANCE, the decoder norms are first
+        folded into the encoder (`fold_decoder_norms_`: the same reconstructions), as the trainer keeps rows
+        at unit norm.
+        """
+        sae = _sae(model, config)
         coef = (
             config.sparsity_coefficient
             if config.sparsity_coefficient is not None
-            else model.sparsity_coefficient
+            else sae.sparsity_coefficient
         )
         if config.target_l0 is not None and coef == 0:
             raise BadInputError(
                 "target_l0 adapts lambda multiplicatively, which cannot move it from 0; give the model or "
                 "the config a sparsity coefficient > 0."
             )
-        counters = torch.zeros(model.n_atoms, dtype=torch.int64, device=model.W_dec.device)
+        with torch.no_grad():
+            off = float((sae.W_dec.float().norm(dim=1) - 1).abs().max())
+        if off > UNIT_NORM_TOLERANCE:
+            sae.fold_decoder_norms_()
+        counters = torch.zeros(sae.n_atoms, dtype=torch.int64, device=sae.W_dec.device)
         return cls(config=config, coefficient=float(coef), tokens_since_fired=counters)
 
     def dead_latents(self) -> torch.Tensor:
@@ -231,9 +261,23 @@ class TrainState:
         self.tokens_seen = int(state["tokens_seen"])
 
 
-def make_optimizer(model: SparseAutoencoder, config: TrainConfig) -> torch.optim.Adam:
+def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Adam:
     """Adam over the model's parameters with the config's betas and eps (train_step sets the lr each step)."""
     return torch.optim.Adam(model.parameters(), lr=config.lr, betas=config.betas, eps=config.eps)
+
+
+def _sae(model: nn.Module, config: TrainConfig) -> SparseAutoencoder:
+    """The SAE a step computes with: `model` itself, or its `as_sae` adapter with the config's bandwidth."""
+    sae = as_sae(model)
+    if config.bandwidth is not None:
+        if sae is model:
+            raise BadInputError(
+                f"TrainConfig.bandwidth is for SAE modules of one's own; a {type(model).__name__} has its "
+                "own (TSAE(bandwidth=...)). Leave TrainConfig.bandwidth at None."
+            )
+        if isinstance(sae, TSAE):
+            sae.bandwidth = config.bandwidth
+    return sae
 
 
 def _ramp(step: int, warmup: int) -> float:
@@ -242,7 +286,7 @@ def _ramp(step: int, warmup: int) -> float:
 
 
 def _all_reduce_step(
-    model: SparseAutoencoder, out: Any, fired: torch.Tensor
+    model: nn.Module, out: Any, fired: torch.Tensor
 ) -> tuple[int, torch.Tensor, list[float]]:
     """Under torchrun: the global batch's size, firing mask (n_atoms,) and mean (loss, recon, sparsity, l0),
     the same on every rank; the gradients become the global batch's mean gradient.
@@ -274,23 +318,26 @@ def _all_reduce_step(
 
 
 def train_step(
-    model: SparseAutoencoder,
+    model: nn.Module,
     optimizer: torch.optim.Optimizer,
     batch: torch.Tensor | np.ndarray,
     state: TrainState,
 ) -> StepStats:
     """One optimizer step on raw activations `batch` (batch, d); updates `state` in place, returns stats.
 
+    `model`: a TSAE, a ReLUSAE or a module of one's own (see the module docstring), with `optimizer` over its
+    parameters (`make_optimizer`, or one's own) and `state` from `TrainState.start(model, config)`.
     Under torchrun each rank passes its own rows of the global batch (any split, at least one row each); the
     step and the returned stats are then those of the global batch, identical on every rank.
     """
     cfg = state.config
+    sae = _sae(model, cfg)
     lr = cfg.lr * _ramp(state.step, cfg.lr_warmup_steps)
     for group in optimizer.param_groups:
         group["lr"] = lr
     coefficient = state.coefficient * _ramp(state.step, cfg.sparsity_warmup_steps)
 
-    out = model(batch, coefficient=coefficient)
+    out = sae(batch, coefficient=coefficient)
     optimizer.zero_grad(set_to_none=True)
     out.loss.backward()
     with torch.no_grad():
@@ -300,9 +347,9 @@ def train_step(
     else:
         n, l0 = out.codes.shape[0], float(out.l0)
         loss, recon, sparsity = (float(t.detach()) for t in (out.loss, out.recon_loss, out.l0_loss))
-    model.project_decoder_grad_()
+    sae.project_decoder_grad_()
     optimizer.step()
-    model.constrain_()
+    sae.constrain_()
 
     with torch.no_grad():
         state.tokens_since_fired += n
@@ -475,7 +522,7 @@ def latest_checkpoint(checkpoint_dir: str | Path) -> Path | None:
 
 def _save_checkpoint(
     checkpoint_dir: Path,
-    model: SparseAutoencoder,
+    model: nn.Module,
     optimizer: torch.optim.Optimizer,
     state: TrainState,
     source: _TensorBatches | _IteratorBatches,
@@ -507,7 +554,7 @@ def _save_checkpoint(
 
 def _load_checkpoint(
     path: Path,
-    model: SparseAutoencoder,
+    model: nn.Module,
     optimizer: torch.optim.Optimizer,
     state: TrainState,
     source: _TensorBatches | _IteratorBatches,
@@ -550,7 +597,7 @@ def _normalise(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
-def _synchronise_start(model: SparseAutoencoder, state: TrainState, ckpt_dir: Path | None) -> None:
+def _synchronise_start(model: nn.Module, state: TrainState, ckpt_dir: Path | None) -> None:
     """Under torchrun, before the first step: every rank at the same step, with rank 0's weights and scales.
 
     Broadcasting the weights (as DistributedDataParallel does) makes the ranks identical even if their models
@@ -568,9 +615,10 @@ def _synchronise_start(model: SparseAutoencoder, state: TrainState, ckpt_dir: Pa
             buffer = p.detach().to(device)
             dist.broadcast(buffer, src=0)
             p.copy_(buffer)
-        scales = torch.tensor([model.input_scale, model.raw_scale], dtype=torch.float64, device=device)
+        sae = as_sae(model)
+        scales = torch.tensor([sae.input_scale, sae.raw_scale], dtype=torch.float64, device=device)
         dist.broadcast(scales, src=0)
-    model.input_scale, model.raw_scale = scales.tolist()
+    sae.input_scale, sae.raw_scale = scales.tolist()
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -579,7 +627,7 @@ def _synchronise_start(model: SparseAutoencoder, state: TrainState, ckpt_dir: Pa
 
 
 def train(
-    model: SparseAutoencoder,
+    model: nn.Module,
     activations: torch.Tensor | np.ndarray | Iterable[torch.Tensor | np.ndarray],
     config: TrainConfig | None = None,
     checkpoint_dir: str | Path | None = None,
@@ -588,10 +636,13 @@ def train(
 ) -> TrainResult:
     """Train `model` for config.steps steps on raw activations; returns the per-step history.
 
-    activations: a (n, d) tensor or array, shuffled by a seeded generator, or an iterable of (batch, d)
-    batches. Batches go to the model's device. With `checkpoint_dir`, the run resumes from the latest
-    checkpoint there and saves one every config.checkpoint_every steps and at the end; an iterator must then
-    replay the same batches from its start on every call (its first `taken` batches are skipped).
+    model: a TSAE, a ReLUSAE or a module of one's own (see the module docstring); checkpoints hold its own
+    state_dict.
+    activations: a (n, d) tensor or array on any device, shuffled by a seeded generator, or an iterable of
+    (batch, d) batches. Batches go to the model's device, where the result's tensors are. With
+    `checkpoint_dir`, the run resumes from the latest checkpoint there and saves one every
+    config.checkpoint_every steps and at the end; an iterator must then replay the same batches from its
+    start on every call (its first `taken` batches are skipped).
     `callback(stats)` runs after each step (and after that step's checkpoint); an exception it raises stops
     the run, resumable from the last checkpoint.
 
@@ -600,10 +651,9 @@ def train(
     rank reads (rank 0 writes it), only rank 0 prints progress, and `callback` runs on every rank with the
     same (global) stats.
     """
-    if not isinstance(model, SparseAutoencoder):
-        raise BadInputError(f"train takes a TSAE or ReLUSAE, got {type(model).__name__}.")
     config = TrainConfig() if config is None else config
-    source = _source(activations, model, config)
+    sae = _sae(model, config)
+    source = _source(activations, sae, config)
     optimizer = make_optimizer(model, config)
     state = TrainState.start(model, config)
     history: list[StepStats] = []
@@ -614,8 +664,8 @@ def train(
         history = _load_checkpoint(resume, model, optimizer, state, source)
         if progress and rank == 0:
             print(f"resumed from {resume} at step {state.step}", file=sys.stderr)
-    elif config.fit_input_scale:
-        model.fit_input_scale(source.sample(config.input_scale_samples, config.seed + 1))
+    elif config.fit_input_scale and sae is model:
+        sae.fit_input_scale(source.sample(config.input_scale_samples, config.seed + 1))
     if is_distributed():
         _synchronise_start(model, state, ckpt_dir)
     if ckpt_dir is not None and rank == 0:
@@ -639,14 +689,13 @@ def train(
         if callback is not None:
             callback(stats)
 
+    device = model.W_dec.device
     columns = {
         name: torch.tensor(
-            [getattr(s, name) for s in history], dtype=torch.int64 if name == "dead" else torch.float64
+            [getattr(s, name) for s in history],
+            dtype=torch.int64 if name == "dead" else torch.float64,
+            device=device,
         )
         for name in _HISTORY
     }
-    return TrainResult(
-        **columns,
-        final_coefficient=state.coefficient,
-        dead_latents=state.dead_latents().cpu(),
-    )
+    return TrainResult(**columns, final_coefficient=state.coefficient, dead_latents=state.dead_latents())

@@ -20,7 +20,12 @@ random unit vectors, W_enc = W_dec^T, b_enc = 0, b_dec = 0 (zero rather than the
 m = delta @ W_dec has no offset, so any offset the data needs is learned, not assumed).
 
 SAELens format: `save_saelens` folds the whitening and the scale into the weights, so SAELens's own
-`SAE.load_from_disk` computes our codes from raw activations; `load_saelens` unfolds them.
+`SAE.load_from_disk` computes our codes from raw activations; `load_saelens` unfolds them, and reads any
+SAELens JumpReLU or standard (ReLU) directory as sae-lens writes it.
+
+SAEs of one's own: `as_sae(module)` adapts any module with SAELens-style weights (`SAELENS_PARTS`) without
+copying them, so `save_saelens`, `atoms.train.train_step` and the model methods (encode, decode, forward,
+dictionary) take such modules too.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import weakref
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -38,10 +44,19 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from atoms.aip import AIP, whiten_rows
-from atoms.errors import BadInputError, as_float_tensor
+from atoms.errors import BadInputError, as_float_tensor, check_finite
 from atoms.kernels.threshold_encoder import threshold_encode
 
-__all__ = ["TSAE", "ReLUSAE", "SparseAutoencoder", "TSAEOutput", "load_saelens", "save_saelens"]
+__all__ = [
+    "SAELENS_PARTS",
+    "TSAE",
+    "ReLUSAE",
+    "SparseAutoencoder",
+    "TSAEOutput",
+    "as_sae",
+    "load_saelens",
+    "save_saelens",
+]
 
 LossNorm = Literal["aip", "euclidean"]
 
@@ -55,6 +70,12 @@ SAELENS_WEIGHTS = "sae_weights.safetensors"
 SAELENS_CFG = "cfg.json"
 ATOMS_META = "atoms_sae.json"
 AIP_FILE = "aip.safetensors"
+# What `as_sae` and `load_saelens` read from an SAE of one's own or of sae-lens: SAELens's names and layout.
+SAELENS_PARTS = (
+    "W_enc (d, n), b_enc (n,), W_dec (n, d), b_dec (d,), and threshold or log_threshold (n,) for a JumpReLU "
+    "SAE (neither for a ReLU SAE)"
+)
+_LINEAR_PARTS = ("W_enc", "b_enc", "W_dec", "b_dec")
 
 
 class TSAEOutput(NamedTuple):
@@ -190,20 +211,23 @@ class SparseAutoencoder(nn.Module, ABC):
         """u (batch, d) -> codes (batch, n_atoms), sparsity penalty (batch,), active count l0 (batch,)."""
 
     def encode(self, x: torch.Tensor | np.ndarray) -> torch.Tensor:
-        """Codes (..., n_atoms) of raw activations x (..., d), in the parameters' dtype."""
+        """Codes (..., n_atoms) of raw activations x (..., d), in the parameters' dtype, on the model's device
+        (x, on any device, is moved there)."""
         raw, lead = self._raw_rows(x, "activations")
         codes = self._encode(self._scaled(raw))[0]
         return codes.reshape(*lead, self.n_atoms)
 
     def decode(self, codes: torch.Tensor | np.ndarray) -> torch.Tensor:
-        """Raw reconstruction x_hat (..., d) of codes (..., n_atoms); float64 only for float64 models."""
+        """Raw reconstruction x_hat (..., d) of codes (..., n_atoms) on the model's device; float64 only for
+        float64 models."""
         codes = as_float_tensor(codes, "codes", d=self.n_atoms)
         lead = codes.shape[:-1]
         flat = codes.reshape(-1, self.n_atoms).to(device=self.W_dec.device, dtype=self.dtype)
         return self._unscaled(flat @ self.W_dec + self.b_dec).reshape(*lead, self.d)
 
     def forward(self, x: torch.Tensor | np.ndarray, coefficient: float | None = None) -> TSAEOutput:
-        """Encode, decode and score raw activations x (..., d), flattened to (batch, d) rows.
+        """Encode, decode and score raw activations x (..., d), flattened to (batch, d) rows, on the model's
+        device (x, on any device, is moved there).
 
         `coefficient` multiplies the sparsity penalty; None uses the model's own (the trainer passes its
         warmed-up, possibly adapted value).
@@ -257,6 +281,27 @@ class SparseAutoencoder(nn.Module, ABC):
         self.W_dec /= self.W_dec.norm(dim=1, keepdim=True)
 
     @torch.no_grad()
+    def fold_decoder_norms_(self) -> torch.Tensor:
+        """Scale W_dec rows to unit norm and each latent's W_enc column and b_enc entry (and a TSAE's
+        threshold) by its row's norm; returns the old norms (n_atoms,).
+
+        Reconstructions and the sparsity penalty stay the same while each code scales by its norm (sae_lens's
+        fold_W_dec_norm): what `TrainState.start` does to a decoder whose rows are not unit-norm, so that the
+        trainer's unit-norm constraint does not change the model it starts from.
+        """
+        norms = self.W_dec.norm(dim=1)
+        zero = (norms == 0).nonzero().flatten()
+        if zero.numel():
+            raise BadInputError(
+                f"decoder rows {zero[:10].tolist()} are zero, which have no direction to normalise; give "
+                "them one (e.g. random unit vectors) before training."
+            )
+        self.W_dec /= norms[:, None]
+        self.W_enc *= norms
+        self.b_enc *= norms
+        return norms
+
+    @torch.no_grad()
     def init_from_atoms_(self, atoms: torch.Tensor | np.ndarray) -> None:
         """Set W_dec to given raw atoms (n_atoms, d), normalised under the AIP, and W_enc = W_dec^T.
 
@@ -285,7 +330,8 @@ class SparseAutoencoder(nn.Module, ABC):
     def dictionary(self) -> tuple[torch.Tensor, AIP | None]:
         """(atoms, aip): the atoms in raw coordinates (n_atoms, d) float64, unit-norm under the AIP.
 
-        `atoms.dictionary.Dictionary(*model.dictionary())` measures their geometry.
+        `atoms.dictionary.Dictionary(*model.dictionary())` measures their geometry. The atoms are on the CPU
+        whatever the model's device: move them (`.to(device)`) to measure them on a GPU.
         """
         w = self.W_dec.detach().to(device="cpu", dtype=torch.float64)
         if self.aip is not None:
@@ -366,8 +412,12 @@ class TSAE(SparseAutoencoder):
         )
         self.threshold = nn.Parameter(torch.full((self.n_atoms,), self.threshold_init, dtype=torch.float32))
 
+    def _stored_threshold(self) -> torch.Tensor:
+        """theta (n_atoms,) as the parameters hold it, before the MIN_THRESHOLD floor of the forward pass."""
+        return self.threshold
+
     def _theta(self) -> torch.Tensor:
-        raw = self.threshold.float()
+        raw = self._stored_threshold().float()
         return raw + (raw.clamp(min=MIN_THRESHOLD) - raw).detach()
 
     def _encode(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -386,7 +436,21 @@ class TSAE(SparseAutoencoder):
     def constrain_(self) -> None:
         """Unit-norm decoder rows; thresholds back to >= MIN_THRESHOLD (the stored value is the used one)."""
         super().constrain_()
+        self._floor_threshold_()
+
+    @torch.no_grad()
+    def _floor_threshold_(self) -> None:
         self.threshold.clamp_(min=MIN_THRESHOLD)
+
+    @torch.no_grad()
+    def fold_decoder_norms_(self) -> torch.Tensor:
+        norms = super().fold_decoder_norms_()
+        self._scale_threshold_(norms)  # the pre-activations scaled by the norms: the same latents fire
+        return norms
+
+    @torch.no_grad()
+    def _scale_threshold_(self, factor: torch.Tensor) -> None:
+        self.threshold *= factor.to(self.threshold.dtype)
 
     def config(self) -> dict[str, Any]:
         return {
@@ -402,6 +466,29 @@ class TSAE(SparseAutoencoder):
             f"d={self.d}, n_atoms={self.n_atoms}, aip={self.aip is not None}, loss_norm={self.loss_norm}, "
             f"bandwidth={self.bandwidth}, l0_coefficient={self.sparsity_coefficient}"
         )
+
+
+class _LogThresholdTSAE(TSAE):
+    """A TSAE whose threshold parameter is log_threshold, theta = exp(log_threshold), as older sae-lens
+    training SAEs (and training code modelled on them) store it. Only `as_sae` and `load_saelens` build it, to
+    train or evaluate such an SAE as it is; the project's own TSAE keeps theta raw (SPEC section 6)."""
+
+    def __init__(self, d: int, n_atoms: int, **kwargs: Any) -> None:
+        super().__init__(d, n_atoms, **kwargs)
+        theta = self.threshold.detach()
+        del self.threshold
+        self.log_threshold = nn.Parameter(theta.log())
+
+    def _stored_threshold(self) -> torch.Tensor:
+        return self.log_threshold.exp()
+
+    @torch.no_grad()
+    def _floor_threshold_(self) -> None:
+        self.log_threshold.clamp_(min=math.log(MIN_THRESHOLD))
+
+    @torch.no_grad()
+    def _scale_threshold_(self, factor: torch.Tensor) -> None:
+        self.log_threshold += factor.log().to(self.log_threshold.dtype)
 
 
 class ReLUSAE(SparseAutoencoder):
@@ -448,6 +535,134 @@ class ReLUSAE(SparseAutoencoder):
 
 
 # ------------------------------------------------------------------------------------------------------------
+# SAEs of one's own: SAELens naming and layout
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _check_saelens_weights(
+    found: dict[str, Any], owner: str, *, require_threshold: bool = False
+) -> dict[str, torch.Tensor]:
+    """The tensors of a SAELens-style SAE, checked, by name: W_enc (d, n), b_enc (n,), W_dec (n, d), b_dec
+    (d,) in one floating dtype, and threshold or log_threshold (n,) if present, all finite and on one device.
+
+    `found` maps names to what the SAE holds (None where it holds nothing). Where both thresholds exist,
+    log_threshold is the parameter (older sae-lens training SAEs derive threshold from it).
+    """
+    threshold = "log_threshold" if found.get("log_threshold") is not None else "threshold"
+    with_threshold = require_threshold or found.get(threshold) is not None
+    names = (*_LINEAR_PARTS, threshold) if with_threshold else _LINEAR_PARTS
+    weights: dict[str, torch.Tensor] = {}
+    for name in names:
+        value = found.get(name)
+        if value is None:
+            raise BadInputError(f"{owner} has no {name}; a SAELens-style SAE needs {SAELENS_PARTS}.")
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+            what = f"a {value.dtype} tensor" if isinstance(value, torch.Tensor) else type(value).__name__
+            raise BadInputError(
+                f"{owner}.{name} is {what}, not a floating tensor; a SAELens-style SAE needs {SAELENS_PARTS}."
+            )
+        weights[name] = value
+    d, n = weights["W_enc"].shape if weights["W_enc"].ndim == 2 else ("d", "n")
+    shapes = {"W_enc": (d, n), "b_enc": (n,), "W_dec": (n, d), "b_dec": (d,), threshold: (n,)}
+    for name, value in weights.items():
+        if tuple(value.shape) != shapes[name]:
+            raise BadInputError(
+                f"{owner}.{name} has shape {tuple(value.shape)}, expected {shapes[name]} (W_enc is "
+                f"{tuple(weights['W_enc'].shape)}); a SAELens-style SAE needs {SAELENS_PARTS}."
+            )
+        check_finite(value.detach(), f"{owner}.{name}")
+    dtypes = {str(weights[name].dtype) for name in _LINEAR_PARTS}
+    devices = {str(value.device) for value in weights.values()}
+    if len(dtypes) > 1 or len(devices) > 1:
+        raise BadInputError(
+            f"{owner}'s weights mix dtypes {sorted(dtypes)} or devices {sorted(devices)}; W_enc, b_enc, "
+            "W_dec and b_dec need one dtype, and every weight one device: move them with "
+            "module.to(dtype=..., device=...)."
+        )
+    return weights
+
+
+def _applies_b_dec(cfg: Any, owner: str) -> bool:
+    """SAELens's apply_b_dec_to_input of a config (a cfg.json dict, an SAE's cfg object, or None: True), after
+    checking that the SAE normalises no input, which atoms does not apply."""
+    get = cfg.get if isinstance(cfg, dict) else lambda key, default: getattr(cfg, key, default)
+    normalise = get("normalize_activations", "none")
+    if normalise not in ("none", None, False):
+        raise BadInputError(
+            f"{owner} normalises its input activations (normalize_activations = {normalise!r}), which atoms "
+            "does not apply. Fold a constant scaling into the weights first (sae_lens: "
+            "sae.fold_activation_norm_scaling_factor(factor)) and set normalize_activations to 'none'."
+        )
+    return bool(get("apply_b_dec_to_input", True))
+
+
+def _wrap(weights: dict[str, torch.Tensor]) -> SparseAutoencoder:
+    """A model in raw coordinates (no AIP, input scale 1) whose parameters are `weights` themselves, checked
+    by `_check_saelens_weights`: a TSAE with a threshold (raw or log), a ReLUSAE without.
+
+    nn.Parameters are shared, not copied, so an optimizer over their owner's parameters steps the model; plain
+    tensors (buffers) become parameters on the same memory, without gradients.
+    """
+    n, d = weights["W_dec"].shape
+    cls = _LogThresholdTSAE if "log_threshold" in weights else TSAE if "threshold" in weights else ReLUSAE
+    model = cls(d, n, input_scale=1.0, dtype=weights["W_dec"].dtype)
+    for name, value in weights.items():
+        shared = value if isinstance(value, nn.Parameter) else nn.Parameter(value, requires_grad=False)
+        setattr(model, name, shared)
+    return model
+
+
+# Adapters of modules of one's own, per module: built once, rebuilt only if the module's tensors are replaced.
+_ADAPTERS: weakref.WeakKeyDictionary[nn.Module, tuple[dict[str, Any], SparseAutoencoder]] = (
+    weakref.WeakKeyDictionary()
+)
+_SAELENS_NAMES = (*_LINEAR_PARTS, "threshold", "log_threshold")
+
+
+def as_sae(module: nn.Module) -> SparseAutoencoder:
+    """The SAE that atoms computes with for `module`: itself if it is a TSAE or ReLUSAE, else an adapter.
+
+    A module of one's own qualifies by exposing SAELens's names and layout (`SAELENS_PARTS`): W_enc (d, n),
+    b_enc (n,), W_dec (n, d), b_dec (d,), and threshold or log_threshold (n,) for a JumpReLU SAE (codes =
+    z * (z > theta) with z = (x - b_dec) @ W_enc + b_enc), neither for a ReLU SAE (codes = relu(z));
+    decoding is codes @ W_dec + b_dec. A sae_lens SAE qualifies too, unless its cfg normalises activations;
+    one with apply_b_dec_to_input = False must fold b_dec @ W_enc into b_enc first.
+
+    The adapter is a TSAE (or ReLUSAE) on raw activations (no AIP, input scale 1) whose parameters are the
+    module's own tensors, shared rather than copied: encode, decode and forward compute the module's codes and
+    reconstructions (thresholds below MIN_THRESHOLD act as MIN_THRESHOLD), dictionary() returns its W_dec rows
+    at their norms, an optimizer over the module's parameters steps it, and `atoms.train.train_step` and
+    `save_saelens` go through it.
+    Its sparsity coefficient and bandwidth are the TSAE's defaults (1e-3 for the L0, 0.001) or the ReLU
+    SAE's (5e-3 for the L1), which TrainConfig.sparsity_coefficient and TrainConfig.bandwidth replace. Calls
+    on the same module return the same adapter while the module holds the same tensors.
+
+    A module lacking a piece raises BadInputError naming it.
+    """
+    if isinstance(module, SparseAutoencoder):
+        return module
+    if not isinstance(module, nn.Module):
+        raise BadInputError(
+            f"expected a TSAE, ReLUSAE or an nn.Module with SAELens-style weights ({SAELENS_PARTS}); got "
+            f"{type(module).__name__}."
+        )
+    found = {name: getattr(module, name, None) for name in _SAELENS_NAMES}
+    known = _ADAPTERS.get(module)
+    if known is not None and all(found[name] is value for name, value in known[0].items()):
+        return known[1]
+    owner = type(module).__name__
+    if not _applies_b_dec(getattr(module, "cfg", None), owner):
+        raise BadInputError(
+            f"{owner} does not subtract b_dec from its input (cfg.apply_b_dec_to_input = False), as atoms "
+            "does (SAELens's default). Fold it into the encoder bias first: b_enc += b_dec @ W_enc, then set "
+            "apply_b_dec_to_input = True."
+        )
+    adapter = _wrap(_check_saelens_weights(found, owner))
+    _ADAPTERS[module] = (found, adapter)
+    return adapter
+
+
+# ------------------------------------------------------------------------------------------------------------
 # SAELens format
 # ------------------------------------------------------------------------------------------------------------
 
@@ -465,14 +680,16 @@ def _write_json(path: Path, obj: dict[str, Any]) -> None:
     _atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=2)))
 
 
-def save_saelens(
-    model: SparseAutoencoder, path: str | Path, *, metadata: dict[str, Any] | None = None
-) -> Path:
+def save_saelens(model: nn.Module, path: str | Path, *, metadata: dict[str, Any] | None = None) -> Path:
     """Write `model` as a SAELens directory that gives the same codes and reconstructions on RAW activations.
 
     Files: sae_weights.safetensors and cfg.json (architecture "jumprelu" for a TSAE, "standard" for a ReLUSAE;
     `metadata` such as model_name and hook_name goes into cfg.json's metadata), aip.safetensors (the AIP, when
     the model has one) and atoms_sae.json (our constructor arguments and scales, for `load_saelens`).
+
+    `model` may also be a module of one's own with SAELens-style weights (`as_sae`): its directory is a plain
+    SAELens one, its weights as they are (a log_threshold written as threshold = exp(log_threshold)), without
+    atoms_sae.json; `load_saelens` reads it back as a TSAE or ReLUSAE on raw activations.
 
     Folding: the model computes u = s x L^{-T}, z = (u - b_dec) @ W_enc + b_enc and x_hat = (codes @ W_dec +
     b_dec) L^T / s. With M = s L^{-T} that is z = (x - b_dec L^T / s) @ (M W_enc) + b_enc, SAELens's own
@@ -480,10 +697,13 @@ def save_saelens(
     b_enc and threshold unchanged (SAELens also keeps z > threshold, strictly). Folding runs in float64; the
     weights are stored in float32 (float64 for a float64 model).
     """
-    if not isinstance(model, SparseAutoencoder):
-        raise BadInputError(f"save_saelens takes a TSAE or ReLUSAE, got {type(model).__name__}.")
+    own = isinstance(model, SparseAutoencoder)
+    model = as_sae(model)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
+    if not own:
+        # A stale atoms_sae.json from an earlier save here would make load_saelens unfold these weights.
+        (path / ATOMS_META).unlink(missing_ok=True)
     out_dtype = torch.float64 if model.dtype == torch.float64 else torch.float32
     s = model.input_scale
     p = {k: v.detach().to(device="cpu", dtype=torch.float64) for k, v in model.named_parameters()}
@@ -494,7 +714,7 @@ def save_saelens(
         W_dec, b_dec = W_dec @ L.T, b_dec @ L.T
     weights = {"W_enc": W_enc * s, "W_dec": W_dec / s, "b_dec": b_dec / s, "b_enc": p["b_enc"]}
     if isinstance(model, TSAE):
-        weights["threshold"] = p["threshold"]
+        weights["threshold"] = model._stored_threshold().detach().to(device="cpu", dtype=torch.float64)
     weights = {k: v.to(out_dtype).contiguous() for k, v in weights.items()}
     _atomic_write(path / SAELENS_WEIGHTS, lambda f: save_file(weights, str(f)))
 
@@ -514,6 +734,8 @@ def save_saelens(
     _write_json(path / SAELENS_CFG, cfg)
     if model.aip is not None:
         _atomic_write(path / AIP_FILE, model.aip.save)
+    if not own:
+        return path
     ours = {
         "format": "atoms.sae",
         "version": 1,
@@ -528,19 +750,85 @@ def save_saelens(
 
 
 def load_saelens(path: str | Path) -> SparseAutoencoder:
-    """Read a directory written by `save_saelens` back into a TSAE or ReLUSAE, unfolding the whitening.
+    """Read a SAELens directory into a TSAE or ReLUSAE.
 
-    W_enc = L^T W_enc' / s, W_dec = s W_dec' L^{-T} and b_dec = s b_dec' L^{-T} (triangular solves), with L
-    from aip.safetensors; values agree with the saved model to float32 rounding times the AIP's condition
-    number.
+    A directory `save_saelens` wrote for a TSAE or ReLUSAE (it holds atoms_sae.json) comes back as that
+    model, whitening unfolded: W_enc = L^T W_enc' / s, W_dec = s W_dec' L^{-T} and b_dec = s b_dec' L^{-T}
+    (triangular solves), with L from aip.safetensors; values agree with the saved model to float32 rounding
+    times the AIP's condition number.
+
+    Any other SAELens "jumprelu" or "standard" directory (cfg.json and sae_weights.safetensors as sae-lens
+    writes them, threshold or log_threshold) comes back as a TSAE or ReLUSAE on raw activations (no AIP, input
+    scale 1) computing sae-lens's codes and reconstructions, its weights in their stored dtype (threshold in
+    float32) and its decoder rows at their norms; apply_b_dec_to_input = False is folded into b_enc. Train it
+    further with TrainConfig(fit_input_scale=False), which keeps it on raw activations.
     """
     path = Path(path)
-    meta_path = path / ATOMS_META
-    if not meta_path.is_file() or not (path / SAELENS_WEIGHTS).is_file():
+    if (path / ATOMS_META).is_file():
+        return _load_ours(path)
+    if (path / SAELENS_CFG).is_file() and (path / SAELENS_WEIGHTS).is_file():
+        return _load_saelens_directory(path)
+    raise BadInputError(
+        f"{path} has no {SAELENS_CFG} and {SAELENS_WEIGHTS}: it is not a SAELens directory. Pass the "
+        "directory that sae_lens's SAE.save_model or atoms.tsae.save_saelens wrote."
+    )
+
+
+def _read_weights(path: Path, fix: str) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path / SAELENS_WEIGHTS))
+    except Exception as e:  # safetensors raises its own error type for truncated or foreign files
         raise BadInputError(
-            f"{path} has no {ATOMS_META} or {SAELENS_WEIGHTS}: it was not written by "
-            "atoms.tsae.save_saelens. Load foreign SAELens directories with sae_lens.SAE.load_from_disk."
+            f"{path / SAELENS_WEIGHTS} is unreadable ({type(e).__name__}: {e}); it was damaged after saving. "
+            f"{fix}"
+        ) from e
+
+
+def _load_saelens_directory(path: Path) -> SparseAutoencoder:
+    """A SAELens jumprelu or standard directory without atoms_sae.json, as `load_saelens` describes."""
+    fix = "Re-save the SAE with sae_lens (SAE.save_model)."
+    try:
+        cfg = json.loads((path / SAELENS_CFG).read_text())
+    except ValueError as e:
+        raise BadInputError(f"{path / SAELENS_CFG} is not valid JSON ({e}). {fix}") from e
+    if not isinstance(cfg, dict):
+        raise BadInputError(f"{path / SAELENS_CFG} holds {type(cfg).__name__}, not a SAELens config. {fix}")
+    # sae-lens reads a config without an architecture (before 6.0) as a standard SAE.
+    architecture = cfg.get("architecture", "standard")
+    if architecture not in ("jumprelu", "standard"):
+        raise BadInputError(
+            f"{path} holds a SAELens {architecture!r} SAE; load_saelens reads 'jumprelu' and 'standard' "
+            "ones. Load it with sae_lens.SAE.load_from_disk instead."
         )
+    applies_b_dec = _applies_b_dec(cfg, str(path))
+    loaded = _read_weights(path, fix)
+    jumprelu = architecture == "jumprelu"
+    extra = sorted(set(loaded) - {*_LINEAR_PARTS, *(("threshold", "log_threshold") if jumprelu else ())})
+    if extra:
+        raise BadInputError(
+            f"{path / SAELENS_WEIGHTS} holds {extra} besides the weights of a SAELens {architecture} SAE "
+            f"({SAELENS_PARTS}). Load it with sae_lens.SAE.load_from_disk instead."
+        )
+    weights = _check_saelens_weights(loaded, str(path / SAELENS_WEIGHTS), require_threshold=jumprelu)
+    n, d = weights["W_dec"].shape
+    if (cfg.get("d_in"), cfg.get("d_sae")) != (d, n):
+        raise BadInputError(
+            f"{path / SAELENS_CFG} says d_in = {cfg.get('d_in')}, d_sae = {cfg.get('d_sae')}, but the "
+            f"weights have d = {d}, n = {n}. {fix}"
+        )
+    if not applies_b_dec:
+        # SAELens then encodes x @ W_enc + b_enc, which is (x - b_dec) @ W_enc + (b_enc + b_dec @ W_enc).
+        W_enc, b_dec = weights["W_enc"].double(), weights["b_dec"].double()
+        weights["b_enc"] = (weights["b_enc"].double() + b_dec @ W_enc).to(weights["b_enc"].dtype)
+    for name in ("threshold", "log_threshold"):
+        if name in weights:
+            weights[name] = weights[name].float()
+    return _wrap({name: nn.Parameter(value) for name, value in weights.items()})
+
+
+def _load_ours(path: Path) -> SparseAutoencoder:
+    """A directory `save_saelens` wrote for a TSAE or ReLUSAE, as `load_saelens` describes."""
+    meta_path = path / ATOMS_META
     try:
         meta = json.loads(meta_path.read_text())
         cls = _CLASSES[meta["class"]]
@@ -559,13 +847,7 @@ def load_saelens(path: str | Path) -> SparseAutoencoder:
     else:
         model = cls(**config)
     model.input_scale, model.raw_scale = s, float(meta["raw_scale"])
-    try:
-        loaded = load_file(str(path / SAELENS_WEIGHTS))
-    except Exception as e:  # safetensors raises its own error type for truncated or foreign files
-        raise BadInputError(
-            f"{path / SAELENS_WEIGHTS} is unreadable ({type(e).__name__}: {e}); it was damaged after saving. "
-            "Re-save the model with save_saelens."
-        ) from e
+    loaded = _read_weights(path, "Re-save the model with save_saelens.")
     expected = {"W_enc", "W_dec", "b_dec", "b_enc", *(("threshold",) if cls is TSAE else ())}
     if set(loaded) != expected:
         raise BadInputError(

@@ -217,6 +217,7 @@ def spark(
     checking, else MILP.
     time_limit: seconds for the whole search; when it runs out the result has kind "bounds".
     tol: a set of atoms is dependent when sigma_min <= tol * sigma_max of its columns.
+    D on any device: the searches run on a float64 CPU copy (scipy's MILP and numpy's SVD).
     """
     start = time.perf_counter()
     if method not in ("auto", "milp", "enumerate", "bounds"):
@@ -227,7 +228,7 @@ def spark(
         raise BadInputError(f"tol must be a float in (0, 1), e.g. 1e-9, got {tol!r}.")
     deadline = start + time_limit
     dic = D if isinstance(D, Dictionary) else Dictionary(D)
-    A = dic.unit.T.contiguous().numpy()
+    A = dic.unit.T.contiguous().cpu().numpy()
     n = A.shape[1]
 
     def result(value, lower, upper, kind, how, support=None, note="") -> SparkResult:

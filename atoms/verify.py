@@ -75,8 +75,8 @@ class Budget:
 
 
 BUDGETS: dict[str, Budget] = {
-    # `pytest proofs_check/` and `atoms verify`: exact spark by enumeration only, cvxpy on <= 4 codes. All 18
-    # claims: ~50 s (80 s with the machine shared by three jobs) on 2 cores.
+    # `pytest proofs_check/` and `atoms verify`: exact spark by enumeration only, cvxpy on <= 4 codes. All 21
+    # claims: 7-8 s of `verify()` on 2 cores (the 18 before issue 15: 6 s, same machine and hour).
     "default": Budget(
         "default",
         examples=80,
@@ -85,8 +85,8 @@ BUDGETS: dict[str, Budget] = {
         shrink_examples=150,
     ),
     # A release check: more instances, larger dictionaries, Steiner (28, 7), spark by enumeration of up to
-    # 50,000 subsets (the most atoms.uniqueness enumerates before a MILP). All 18 claims: ~8 min on
-    # 2 shared cores.
+    # 50,000 subsets (the most atoms.uniqueness enumerates before a MILP). All 21 claims: 39 s of `verify()`
+    # on 2 cores (the 18 before issue 15: 27 s, same machine and hour).
     "full": Budget(
         "full",
         examples=250,

@@ -1,6 +1,7 @@
 """SPEC section 4, theorem 4: inside the window eps K dmax < tau < dmin - eps (K - 1) dmax, the threshold
 encoder (torch path) recovers every support of non-negative K-sparse codes with entries in [dmin, dmax]; a
-least-squares refit on it reconstructs exactly; raw codes are off by at most eps (K - 1) dmax."""
+least-squares refit on it reconstructs exactly; raw codes are off by at most eps (K - 1) dmax. The window is
+sharp: just beyond either end some code's support is lost."""
 
 from __future__ import annotations
 
@@ -26,18 +27,58 @@ def numpy_support(inst) -> np.ndarray:
     return z > inst.threshold
 
 
-@pytest.mark.parametrize("name", ["false_tsae_low_threshold", "false_tsae_exact_raw"])
+def window(inst) -> tuple[float, float]:
+    """The TSAE window's ends (eps K dmax, dmin - eps (K - 1) dmax)."""
+    return inst.mu * inst.k * inst.dmax, inst.dmin - inst.mu * (inst.k - 1) * inst.dmax
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["false_tsae_low_threshold", "false_tsae_lower_end", "false_tsae_upper_end", "false_tsae_exact_raw"],
+)
 def test_false_tsae_refuted(refuted, name):
     report = refuted(name)
     inst = report.witness
-    if name == "false_tsae_low_threshold":
-        # Independent confirmation: numpy's encoder support differs from the true support.
-        assert (numpy_support(inst) != (inst.codes.numpy() != 0)).any()
-    else:
+    if name == "false_tsae_exact_raw":
         unit = inst.dictionary.unit.numpy()
         codes = inst.codes.numpy()
         raw = codes @ unit @ unit.T
         assert np.abs(raw - codes)[codes != 0].max() > 1e-9
+        return
+    # Independent confirmation: numpy's encoder support differs from the true support, with tau outside the
+    # true window (in the band the variant adds to it).
+    assert (numpy_support(inst) != (inst.codes.numpy() != 0)).any()
+    lower, upper = window(inst)
+    assert not lower < inst.threshold < upper
+    if name == "false_tsae_lower_end":
+        assert 0.99 * lower < inst.threshold <= lower
+    if name == "false_tsae_upper_end":
+        assert upper <= inst.threshold < upper + 0.01 * inst.dmax
+
+
+def test_the_window_is_sharp_at_both_ends(cross_check):
+    """Just beyond either end of the window (a relative 1e-9 to 1e-2 past it) the encoder loses a support:
+    the "window" family's codes reach that end exactly (K atoms crowding an off-support atom up to
+    eps K dmax, or an atom at dmin sunk to dmin - eps (K - 1) dmax). Just inside, every support is
+    recovered."""
+    claim = claim_named("tsae_support")
+    lost = set()
+
+    @cross_check
+    @given(instances(claim, Sizes(max_atoms=8, max_d=6, max_k=4, max_samples=3), ("window",)))
+    def check(inst):
+        lower, upper = window(inst)
+        verdict = claim.check(inst)
+        recovered = np.array_equal(numpy_support(inst), inst.codes.numpy() != 0)
+        assert verdict.conclusion is recovered
+        if lower < inst.threshold < upper:
+            assert verdict.premise and recovered
+        else:
+            assert not verdict.premise and not recovered, "a support survived a threshold outside the window"
+            lost.add("lower" if inst.threshold <= lower else "upper")
+
+    check()
+    assert lost == {"lower", "upper"}, f"the search lost supports beyond only these ends: {lost}"
 
 
 def test_support_recovery_against_numpy(cross_check):

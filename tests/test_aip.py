@@ -517,3 +517,53 @@ def test_aip_bad_arguments():
         AIP.fit(torch.ones(10, 3, dtype=torch.int32))
     with pytest.raises(BadInputError, match=r"no samples yet"):
         AIP.from_moment(SecondMoment(3))
+
+
+# --- AIP.fit on a stream of batches -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("center", [False, True])
+def test_fit_streams_any_iterable_of_batches(center):
+    """A DataLoader (of a tensor, or of a TensorDataset's 1-tuples), a generator of arrays of uneven sizes and
+    a list of batches all give the AIP of their concatenation: numpy's Cholesky factor of the float64
+    moment."""
+    x = torch.from_numpy(activations(1000, 6, 11, offset=3.0)).float()
+    x64 = x.double().numpy()
+    C = x64.T @ x64 / len(x64)
+    if center:
+        C -= np.outer(x64.mean(0), x64.mean(0))
+    reference = np.linalg.cholesky(C)
+
+    def generator():
+        for batch in x.split([1, 17, 300, 682]):
+            yield batch.numpy()
+
+    streams = {
+        "DataLoader": torch.utils.data.DataLoader(x, batch_size=64),
+        "TensorDataset": torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), batch_size=100),
+        "generator": generator(),
+        "list": list(x.split(128)),
+    }
+    whole = AIP.fit(x, center=center)
+    assert rel(whole.cholesky, reference) < 1e-12
+    for name, stream in streams.items():
+        aip = AIP.fit(stream, center=center)
+        assert aip.n_samples == 1000 and aip.center == center, name
+        assert rel(aip.cholesky, reference) < 1e-12, name
+        assert rel(aip.cholesky, whole.cholesky) < 1e-12, name
+
+
+def test_fit_stream_bad_input(tmp_path):
+    x = torch.from_numpy(activations(50, 4, 12))
+    with pytest.raises(
+        BadInputError,
+        match=r"iterable of \(batch, d\) ones \(a DataLoader.*got PosixPath.*SecondMoment batch by batch.*"
+        r"AIP.from_moment",
+    ):
+        AIP.fit(tmp_path / "acts.safetensors")
+    with pytest.raises(BadInputError, match=r"activations yielded no batches"):
+        AIP.fit(iter([]))
+    with pytest.raises(BadInputError, match=r"activations batch 1 has last dimension 3 but 4 was expected"):
+        AIP.fit([x, x[:, :3]])
+    with pytest.raises(BadInputError, match=r"activations batch 2 holds 1 non-finite"):
+        AIP.fit([x, x, torch.where(torch.arange(200).reshape(50, 4) == 6, math.nan, x)])

@@ -667,6 +667,39 @@ CASES = [
         r"AIP saved with the model in .*sae_a is unreadable.*aip\.safetensors is not a readable",
         r"re-save the model with save_saelens",
     ),
+    Case(
+        "sae-missing-part",
+        "an SAE module of one's own without a decoder",
+        "tsae.save_saelens",
+        lambda c: save_saelens(
+            torch.nn.ParameterDict(
+                {"W_enc": torch.zeros(8, 16), "b_enc": torch.zeros(16), "b_dec": torch.zeros(8)}
+            ),
+            c.dir("no_decoder"),
+        ),
+        BadInputError,
+        r"ParameterDict has no W_dec",
+        r"a SAELens-style SAE needs W_enc \(d, n\), b_enc \(n,\), W_dec \(n, d\), b_dec \(d,\), and "
+        r"threshold or log_threshold",
+    ),
+    Case(
+        "own-bandwidth",
+        "TrainConfig.bandwidth for a TSAE",
+        "train.train",
+        lambda c: train(TSAE(8, 16), X, TrainConfig(batch_size=8, bandwidth=0.05), progress=False),
+        BadInputError,
+        r"TrainConfig.bandwidth is for SAE modules of one's own; a TSAE has its own",
+        r"Leave TrainConfig.bandwidth at None",
+    ),
+    Case(
+        "aip-fit-path",
+        "a file path instead of activations",
+        "AIP.fit",
+        lambda c: AIP.fit(c.root / "activations.safetensors"),
+        BadInputError,
+        r"must be a \(\.\.\., d\) tensor or array, or an iterable of \(batch, d\) ones .*got PosixPath",
+        r"update an atoms\.aip\.SecondMoment batch by batch and call AIP\.from_moment",
+    ),
 ]
 
 HAS_GGUF = importlib.util.find_spec("gguf") is not None

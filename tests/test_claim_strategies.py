@@ -47,6 +47,33 @@ def test_crowd_codes_reach_the_off_support_extreme():
     np.testing.assert_allclose(off, mu * k * 1.0, atol=1e-12)
 
 
+def test_window_family_reaches_the_window_end_its_threshold_sits_at():
+    """The "window" family's codes reach the lower end mu K dmax (off support) or the upper end
+    dmin - mu (K - 1) dmax (on support) exactly, and tau sits just inside that end or within 1 % beyond it."""
+    seen = set()
+
+    @settings(FAST, max_examples=30, derandomize=True)
+    @given(instances(claim_named("tsae_support"), Sizes(max_atoms=10, max_d=6, max_k=3), ("window",)))
+    def check(inst):
+        mu, k, dmin, dmax, tau = inst.mu, inst.k, inst.dmin, inst.dmax, inst.threshold
+        lower, upper = mu * k * dmax, dmin - mu * (k - 1) * dmax
+        assert 0 < lower < upper
+        codes = inst.codes.numpy()
+        unit = inst.dictionary.unit.numpy()
+        z = codes @ unit @ unit.T
+        where = inst.label.rsplit("(", 1)[1].rstrip(")")
+        seen.add(where)
+        if where in ("below the window", "at the lower end"):
+            np.testing.assert_allclose(np.where(codes == 0, z, -np.inf).max(axis=1), lower, rtol=1e-12)
+            assert (lower * (1 - 1e-2) <= tau < lower) if where == "below the window" else lower < tau < upper
+        else:
+            np.testing.assert_allclose(np.where(codes != 0, z, np.inf).min(axis=1), upper, rtol=1e-12)
+            assert (upper < tau <= upper * (1 + 1e-2)) if where == "above the window" else lower < tau < upper
+
+    check()
+    assert seen == {"below the window", "at the lower end", "above the window", "at the upper end"}
+
+
 def test_codes_reject_bad_arguments():
     atoms = synth.gaussian_dictionary(3, 3, seed=0)
     with pytest.raises(BadInputError, match="mode must be 'random', 'crowd' or 'oppose'"):
@@ -64,7 +91,7 @@ def test_every_claim_has_a_recipe():
     assert {c.name for c in (*CLAIMS, *FALSE_VARIANTS)} <= set(RECIPES)
 
 
-@pytest.mark.parametrize("name", ["tsae_support", "l1_coherence", "spark_coherence"])
+@pytest.mark.parametrize("name", ["tsae_support", "l1_coherence", "spark_coherence", "false_l1_one_sparse"])
 def test_labels_rebuild_the_instance(name):
     """The label is the generator calls: evaluated, they give back the dictionary and the codes."""
 

@@ -14,6 +14,7 @@ from atoms import recovery, synth
 from atoms.errors import BadInputError, IllConditionedError
 from atoms.recovery import (
     basis_pursuit,
+    certify_codes,
     classify,
     cvxpy_problem,
     donoho_tanner_curve,
@@ -104,7 +105,14 @@ def test_classify_bands_with_constructed_residuals():
     decisions, reasons = classify(errors, residuals, statuses)
     assert decisions == ["recovered", "flagged", "failed", "failed", "flagged", "failed", "flagged"]
     assert "whatever the status says" in reasons[3]
-    assert "did not certify" in reasons[6]
+    assert "no dual certificate" in reasons[6]
+    # Only "optimal" (a certificate checked) recovers; a rival code of no larger l1 norm fails whatever the
+    # bands say; the evidence note ends each reason.
+    statuses = ["uncertified", "converged", "tied", "beaten", "optimal"]
+    decisions, reasons = classify([0.0] * 5, [0.0] * 5, statuses, [f"note {i}" for i in range(5)])
+    assert decisions == ["flagged", "flagged", "failed", "failed", "recovered"]
+    assert "same l1 norm" in reasons[2] and "smaller l1 norm" in reasons[3]
+    assert all(reason.endswith(f"(note {i})") for i, reason in enumerate(reasons))
     # The band edges: 1e-5 itself is flagged, 1e-3 itself is still flagged, just above is failed.
     assert classify([1e-5, 1e-3, 1.0001e-3], [0, 0, 0], ["optimal"] * 3)[0] == [
         "flagged",
@@ -155,6 +163,108 @@ def test_dual_certificate_refutes_a_failing_instance():
     assert "not < 1" in cert.reason
     res = basis_pursuit(W, code @ W, solver="linprog", true_codes=code)
     assert res.decisions == ["failed"]
+
+
+TWIN_3X2 = {"duplicate": 1.0, "antipode": -1.0}
+
+
+def rival_checked_in_numpy(W: np.ndarray, code: np.ndarray, truth: np.ndarray) -> bool:
+    """A returned code that proves the true code is not the unique minimiser: it reaches the same m, with an
+    l1 norm no larger (to 1e-9), and lies apart from the true code (relative distance over 1e-3)."""
+    m = truth @ W
+    feasible = np.linalg.norm(code @ W - m) <= 1e-8 * np.linalg.norm(m)
+    no_larger = np.abs(code).sum() <= np.abs(truth).sum() * (1 + 1e-9)
+    return feasible and no_larger and np.linalg.norm(code - truth) > 1e-3 * np.linalg.norm(truth)
+
+
+@pytest.mark.parametrize("twin", TWIN_3X2.values(), ids=TWIN_3X2.keys())
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},
+        {"use_true_codes": False},
+        {"solver": "linprog"},
+        {"solver": "cvxpy"},
+        {"solver": "omp", "k": 2},
+    ],
+    ids=["batched", "batched-solve", "linprog", "cvxpy", "omp"],
+)
+def test_a_non_unique_minimiser_is_failed_by_every_solver(twin, kwargs):
+    """Issue 15 item 1: W = [e1, twin e1, e2], code (1, 0, 0.5). Every (1 - t, t twin, 0.5), t in [0, 1], has
+    the same image and l1 norm. The batched solver proves nothing, HiGHS's vertex happens to be the true
+    code, and OMP finds it too; before, each was called recovered. Now no answer is certified (atom 1 reaches
+    |<d_1, y>| = 1), and a second minimiser apart from the true code is found and returned: failed."""
+    W = np.array([[1.0, 0.0], [twin, 0.0], [0.0, 1.0]])
+    code = np.array([[1.0, 0.0, 0.5]])
+    result = basis_pursuit(W, code @ W, true_codes=code, **kwargs)
+    assert result.statuses == ["tied"] and result.decisions == ["failed"], result.reasons
+    assert rival_checked_in_numpy(W, result.codes[0].numpy(), code[0])
+    assert not dual_certificate(W, code[0]).ok
+
+
+def test_an_uncertified_fallback_answer_is_flagged_with_its_reason(monkeypatch):
+    """A HiGHS answer (the batched solver proves nothing in two iterations) that matches the true code is
+    recovered only with a certificate checked on it: with the check made to find none, it is flagged, and
+    the reason says who answered and why it is not certified; nothing rivals the (unique) true code."""
+    import functools
+
+    from atoms.batched_recovery import certify, solve_batched
+
+    def finds_nothing(*args, **kwargs):
+        return certify(*args, **kwargs)._replace(status=["unsolved"] * args[2].shape[0])
+
+    X = planted(3, 64, 3, False, seed=12)
+    monkeypatch.setattr(recovery, "solve_batched", functools.partial(solve_batched, max_iter=2))
+    monkeypatch.setattr(recovery, "certify", finds_nothing)
+    result = basis_pursuit(W_DH, X @ W_DH, true_codes=X, use_true_codes=False)
+    assert bool(result.proof.fallback.all()) and result.statuses == ["uncertified"] * 3
+    assert result.decisions == ["flagged"] * 3
+    assert all("HiGHS fallback: 'optimal', uncertified: no dual certificate" in r for r in result.reasons)
+    monkeypatch.undo()
+    certified = basis_pursuit(W_DH, X @ W_DH, true_codes=X, use_true_codes=False, solver="linprog")
+    assert (
+        certified.decisions == ["recovered"] * 3
+        and "certificate of uniqueness checked" in certified.evidence[0]
+    )
+
+
+def test_certify_codes_checks_answers_from_anywhere():
+    """certify_codes: the planted codes on Dirac-Hadamard (far below the coherence bound) are certified,
+    scaled or not; a code off its refit, a NaN code and a non-unique code (a duplicated atom) are not; a zero
+    m counts with the zero code only."""
+    X = planted(3, 64, 2, False, seed=13)
+    M = X @ W_DH
+    assert certify_codes(W_DH, M, X).tolist() == [True] * 3
+    assert certify_codes(W_DH, 1e4 * M, 1e4 * X).tolist() == [True] * 3
+    off = X.copy()
+    off[0, np.flatnonzero(X[0])[0]] *= 1.01
+    off[1] = np.nan
+    assert certify_codes(W_DH, M, off).tolist() == [False, False, True]
+    twins = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    assert certify_codes(twins, np.array([1.0, 0.5]), np.array([[1.0, 0.0, 0.5]])).tolist() == [False]
+    assert certify_codes(W_DH, np.zeros((2, 32)), np.vstack([np.zeros(64), X[0]])).tolist() == [True, False]
+
+
+def test_certified_fractions_counts_only_certified_recoveries():
+    """Issue 15 item 1 through the metrics: the duplicate-atom code (1, 0, 0.5) is no basis-pursuit recovery
+    (before: bp_recovered 1 of 1, through the batched solver's HiGHS fallback); a bp_solver callable that
+    calls every answer recovered counts only those whose certificate checks here."""
+    from atoms.dictionary import Dictionary
+    from atoms.metrics import certified_fractions, to_sparse
+
+    twins = Dictionary(np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]))
+    code = (np.array([[0, 2]]), np.array([[1.0, 0.5]]))
+    assert certified_fractions(twins, *code, spark_lower=2.0).bp_failed == 1
+
+    def says_recovered(W_dec, m, *, nonneg, true_codes):
+        result = basis_pursuit(W_dec, m, nonneg=nonneg, solver="linprog", true_codes=true_codes)
+        return result._replace(decisions=["recovered"] * len(result.decisions))
+
+    lying = certified_fractions(twins, *code, spark_lower=2.0, bp_solver=says_recovered)
+    assert (lying.bp_recovered, lying.bp_flagged) == (0, 1)
+    X = planted(3, 64, 2, False, seed=14)
+    honest = certified_fractions(Dictionary(W_DH), *to_sparse(X), spark_lower=4.0, bp_solver=says_recovered)
+    assert honest.bp_recovered == 3
 
 
 def test_dual_certificate_dependent_support():
@@ -270,6 +380,7 @@ def test_donoho_tanner_curve_reference_values():
         ),
         (lambda: basis_pursuit(np.ones(5), np.ones(5)), BadInputError, "2-D"),
         (lambda: dual_certificate(W_DH, np.zeros(64)), BadInputError, "zero code"),
+        (lambda: certify_codes(W_DH, np.ones((2, 32)), np.ones((2, 63))), BadInputError, "one code of 64"),
         (lambda: dual_certificate(W_DH, -np.eye(64)[0], nonneg=True), BadInputError, "negative entries"),
         (lambda: erc(W_DH, [1, 1]), BadInputError, "distinct indices"),
         (lambda: erc(W_DH, [64]), BadInputError, "distinct indices"),

@@ -195,6 +195,34 @@ def test_near_duplicate_rejects(kwargs, message):
         synth.near_duplicate_dictionary(**args)
 
 
+@pytest.mark.parametrize(("n_atoms", "d"), [(2, 2), (7, 3), (12, 5)])
+def test_twin_dictionary(n_atoms, d):
+    w = synth.twin_dictionary(n_atoms, d, seed=3)
+    assert w.shape == (n_atoms, d)
+    assert_unit_float64(w)
+    base, pairs = n_atoms - n_atoms // 2, n_atoms // 2
+    # Exact twins, bit for bit: the second half is the first pairs of the first half times +-1.
+    ratio = w[base:] / w[:pairs]
+    assert torch.all((ratio == 1.0).all(dim=1) | (ratio == -1.0).all(dim=1))
+    # The base atoms are distinct lines (Gaussian), so the twins are the only pairs at |cos| 1.
+    g = np.abs(gram(w[:base]))
+    np.fill_diagonal(g, 0.0)
+    assert g.max() < 1 - 1e-6
+    assert abs(coherence(w) - 1.0) < 1e-15
+
+
+def test_twin_dictionary_draws_duplicates_and_antipodes():
+    signs = torch.cat(
+        [
+            (synth.twin_dictionary(8, 3, seed)[4:, 0] / synth.twin_dictionary(8, 3, seed)[:4, 0])
+            for seed in range(3)
+        ]
+    )
+    assert set(signs.tolist()) == {-1.0, 1.0}
+    with pytest.raises(BadInputError, match=r"d=1 is too small; pass d >= 2"):
+        synth.twin_dictionary(4, 1, seed=0)
+
+
 def delta_k_bruteforce(w: torch.Tensor, k: int) -> float:
     """Exact restricted isometry constant: max over all k-subsets of the largest |eigenvalue - 1| of G_SS."""
     g = gram(w)
@@ -220,6 +248,18 @@ def test_gershgorin_tight_frame(K, mu, d, n_atoms):
     assert abs(delta_k_bruteforce(w, K) - (K - 1) * mu) < 1e-12
 
 
+@pytest.mark.parametrize(("K", "mu", "d", "n_atoms"), [(2, 0.9, None, None), (4, 0.3, 6, 6), (3, 0.45, 3, 4)])
+def test_gershgorin_tight_frame_negative(K, mu, d, n_atoms):
+    w = synth.gershgorin_tight_frame(K, mu, d=d, n_atoms=n_atoms, seed=0, negative=True)
+    assert_unit_float64(w)
+    planted = gram(w)[:K, :K]
+    np.testing.assert_allclose(planted[~np.eye(K, dtype=bool)], -mu, atol=1e-12)
+    # The smallest eigenvalue 1 - (K - 1) mu reaches Gershgorin's bound from below.
+    assert abs(np.linalg.eigvalsh(planted).min() - (1 - (K - 1) * mu)) < 1e-12
+    assert abs(coherence(w) - mu) < 1e-12
+    assert abs(delta_k_bruteforce(w, K) - (K - 1) * mu) < 1e-12
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -232,6 +272,11 @@ def test_gershgorin_tight_frame(K, mu, d, n_atoms):
 def test_gershgorin_rejects(args, message):
     with pytest.raises(BadInputError, match=message):
         synth.gershgorin_tight_frame(*args)
+
+
+def test_gershgorin_negative_rejects_a_singular_gram():
+    with pytest.raises(BadInputError, match=r"negative=True with K=3 needs mu < 1/\(K - 1\) = 0\.5"):
+        synth.gershgorin_tight_frame(3, 0.5, negative=True)
 
 
 def check_codes(

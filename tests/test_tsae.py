@@ -378,7 +378,7 @@ def test_load_saelens_round_trip(saved, data, kind):
 
 
 def test_load_saelens_rejects_foreign_and_tampered(saved, tmp_path):
-    with pytest.raises(BadInputError, match=r"not written by atoms.tsae.save_saelens"):
+    with pytest.raises(BadInputError, match=r"no cfg.json and sae_weights.safetensors: it is not a SAELens"):
         load_saelens(tmp_path)
     model, _ = saved["tsae"]
     path = save_saelens(model, tmp_path / "copy")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -125,6 +126,17 @@ def test_a_premise_that_never_holds_leaves_the_claim_untested():
     assert report.status == "UNTESTED" and report.premise_held == 0
     assert report.worst_premise_margin is None and report.worst_conclusion_margin is None
     assert exit_code([report]) == 2
+
+
+@pytest.mark.parametrize(
+    ("margin", "scale", "held"),
+    [(1e-13, 1e-3, True), (1e-13, 1.0, False), (1e-7, 1e6, False), (1e-5, 1e6, True), (0.0, 0.0, False)],
+)
+def test_a_premise_must_hold_by_more_than_rounding_at_its_scale(margin, scale, held):
+    """The premise holds when its margin exceeds atoms.theorems.RELATIVE_TOLERANCE (1e-12) times its scale."""
+    claim = Claim("fake", "0 (test)", "a premise at scale", lambda inst: margin, lambda inst: (True, 1.0, ""))
+    verdict = replace(claim, premise_scale=lambda inst: scale).check(instance(EYE, 1))
+    assert verdict.premise is held and verdict.premise_margin == margin
 
 
 def report(name="r", planted_false=False, **fields) -> ClaimReport:
