@@ -2,7 +2,9 @@
 
 Dispatch happens per call by the tensors' device (kernels/dispatch.py): CUDA tensors take Triton, CPU tensors
 the torch reference; ATOMS_KERNELS=interpret runs the Triton kernels through Triton's interpreter on CPU and
-ATOMS_KERNELS=torch forces the reference everywhere. This package is a leaf: it imports nothing from atoms.
+ATOMS_KERNELS=torch forces the reference everywhere. This package is a leaf: it imports nothing from atoms,
+and only torch and Triton beyond the standard library (tests/test_imports.py). Importing it registers the
+threshold encoder's custom ops, torch.ops.atoms.threshold_encode and threshold_encode_backward.
 `aot` (ahead-of-time compilation for sm_80/sm_90) is for tests and is not imported here.
 """
 

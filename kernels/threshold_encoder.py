@@ -1,7 +1,14 @@
 """Fused JumpReLU threshold encoder, forward and backward: JumpReLU_theta((x - b_dec) @ W_enc + b_enc).
 
-One file in the Liger-Kernel way: the ``@triton.jit`` kernels, their launchers, the `torch.autograd.Function`,
-the torch reference with the same signature, the functional entry point and an `nn.Module`.
+One file in the Liger-Kernel way: the ``@triton.jit`` kernels, their launchers, the torch reference path, the
+two `torch.library` custom ops that hold either (forward and backward, each with a fake implementation, the
+forward with its autograd), the functional entry point and an `nn.Module`.
+
+torch.compile: the custom ops are opaque to Dynamo and Inductor, which see their fake implementations, so
+`torch.compile(..., fullgraph=True)` traces through `threshold_encode` (the threshold's value check, a host
+sync, runs in eager mode only). Dtypes: inside torch.autocast the GEMM and the codes take the autocast dtype,
+as nn.Linear does; outside it, x and the parameters are promoted to a common dtype, so bf16 activations with
+fp32 master weights compute in fp32 (`_compute_dtype`). theta stays float32 either way.
 
 Pseudo-derivatives (SPEC section 6, Rajamanoharan et al. 2024) with the rectangle kernel K(u) = 1[|u| <= 1/2]
 and bandwidth e; l0 = sum_j H(z_j - theta_j) per sample is the L0 penalty's count:
@@ -234,6 +241,16 @@ def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+def _no_l0(like: torch.Tensor) -> torch.Tensor:
+    """The l0 output when it is not asked for: a custom op returns tensors, never None."""
+    return torch.empty(0, dtype=torch.float32, device=like.device)
+
+
+def _sum_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Column sums of gradients accumulate in float32 at least (float64 for float64 inputs)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def _precision(dtype: torch.dtype) -> str:
     # fp32 inputs follow torch's own matmul setting: "highest" (torch's default) means exact fp32 products.
     if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
@@ -249,7 +266,8 @@ def _launch_forward(
     bandwidth: float,
     want_l0: bool,
     mode: Backend,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """codes (M, N) in xc's dtype, l0 (M,) float32 ((0,) without `want_l0`), state (M, ceil(N / 4)) uint8."""
     M, K = xc.shape
     N = W.shape[1]
     precision = _precision(xc.dtype)
@@ -294,7 +312,7 @@ def _launch_forward(
         num_warps=t.num_warps,
         num_stages=t.num_stages,
     )
-    return codes, state, (l0_part.sum(1) if want_l0 else None)
+    return codes, (l0_part.sum(1) if want_l0 else _no_l0(xc)), state
 
 
 def _launch_backward(
@@ -333,106 +351,150 @@ def _launch_backward(
     return gz, gcol.sum(0), gtheta.sum(0)
 
 
-class _ThresholdEncodeFunction(torch.autograd.Function):
-    """Triton path: forward kernel, then backward = fused elementwise kernel + two torch GEMMs."""
-
-    @staticmethod
-    def forward(ctx, x2, W, b_enc, b_dec, theta, bandwidth, want_l0, mode):
-        # x - b_dec is materialised once, (batch, d) in x's dtype, so the GEMM loop stays a pure load-dot loop
-        # and the rounding matches the reference; it is also what the W_enc gradient needs, so it is what is
-        # saved.
-        xc = x2 if b_dec is None else x2 - b_dec
-        # The kernels index the (n_atoms,) vectors with unit stride; a no-op for parameters.
-        b_enc, theta = b_enc.contiguous(), theta.contiguous()
-        codes, state, l0 = _launch_forward(xc, W, b_enc, theta, bandwidth, want_l0, mode)
-        ctx.save_for_backward(xc, W, theta, state)
-        ctx.bandwidth = bandwidth
-        ctx.mode = mode
-        return (codes, l0) if want_l0 else codes
-
-    @staticmethod
-    def backward(ctx, grad_codes, grad_l0=None):
-        xc, W, theta, state = ctx.saved_tensors
-        gz, gcol, gtheta = _launch_backward(grad_codes, grad_l0, state, theta, ctx.mode)
-        need_x, need_w, need_b, need_bdec, need_theta = ctx.needs_input_grad[:5]
-        grad_x = gz @ W.T if need_x else None
-        grad_w = xc.T @ gz if need_w else None
-        grad_b = gcol.to(W.dtype) if need_b else None
-        grad_bdec = -(W @ gcol.to(W.dtype)) if need_bdec else None
-        grad_theta = gtheta * (-1.0 / ctx.bandwidth) if need_theta else None
-        return grad_x, grad_w, grad_b, grad_bdec, grad_theta, None, None, None
-
-
 # ------------------------------------------------------------------------------------------------------------
 # Torch reference (the CPU path)
 # ------------------------------------------------------------------------------------------------------------
 
 
-class _JumpReLU(torch.autograd.Function):
-    """codes = z H(z - theta) on a given z, with SPEC section 6's pseudo-derivatives; CPU-lean.
+def _torch_forward(
+    xc: torch.Tensor,
+    W: torch.Tensor,
+    bias: torch.Tensor,
+    theta: torch.Tensor,
+    bandwidth: float,
+    want_l0: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The forward op on the torch path: codes (M, N), l0 (M,) float32 or (0,), and the state (2, M, N) bool:
+    the complement of the mask, z <= theta, and the rectangle window |z - theta| <= e / 2.
 
-    Kept for backward: the complement of the mask, z <= theta, as bool (1 byte an element), and the flat
-    indices of the elements inside the rectangle window (a few per million at e = 0.001), so the theta
-    gradient is a gather over those indices, not a pass over the batch. The codes overwrite z in place
-    (addmm's backward does not need its output), and the masks are applied with masked_fill / where, never by
-    multiplying with a bool tensor, which would first convert it to a float copy of the whole batch.
+    addmm fuses the bias into the GEMM (bf16 GEMM for bf16 inputs): one write of z, which the codes then
+    overwrite in place, row block by row block, so the four passes over a block (window test, mask, fill,
+    count) hit cache instead of streaming the (batch, n_atoms) tensor four times. Masks are applied with
+    masked_fill / where, never by multiplying with a bool tensor, which would first convert it to a float copy
+    of the block. Two bool planes (2 bytes an element) rather than the kernels' 2-bit states: one byte holding
+    both bits took 2-3% (fp32) and 8-12% (bf16) longer for a CPU training step at (4096, 576, 2304), measured
+    here (two more passes over the bytes in each direction); keeping the window as indices, as this path once
+    did, would give the op an output whose size depends on the data, which torch.compile graph-breaks on.
     """
-
-    @staticmethod
-    def forward(ctx, z, theta, bandwidth, want_l0):
-        half = bandwidth / 2
-        low, high = theta - half, theta + half
-        n = z.shape[1]
-        off = torch.empty(z.shape, dtype=torch.bool, device=z.device)
-        l0 = torch.empty(z.shape[0], dtype=torch.float32, device=z.device) if want_l0 else None
-        # Row blocks of about _BLOCK_ELEMENTS: the four passes over a block (window test, mask, fill, count)
-        # then hit cache instead of memory; whole-batch passes stream the (batch, n_atoms) tensor four times.
-        rows = max(1, _BLOCK_ELEMENTS // n)
-        near = []
-        for r in range(0, z.shape[0], rows):
-            block, block_off = z[r : r + rows], off[r : r + rows]
-            near.append(((block >= low) & (block <= high)).view(-1).nonzero().squeeze(1) + r * n)
-            torch.le(block, theta, out=block_off)
-            block.masked_fill_(block_off, 0)
-            if l0 is not None:
-                torch.sub(n, block_off.sum(1, dtype=torch.float32), out=l0[r : r + rows])
-        ctx.mark_dirty(z)
-        ctx.save_for_backward(off, torch.cat(near), theta)
-        ctx.bandwidth = bandwidth
+    z = torch.addmm(bias, xc, W)
+    M, N = z.shape
+    state = torch.empty((2, M, N), dtype=torch.bool, device=z.device)
+    l0 = torch.empty(M, dtype=torch.float32, device=z.device) if want_l0 else _no_l0(z)
+    low, high = theta - bandwidth / 2, theta + bandwidth / 2
+    rows = max(1, _BLOCK_ELEMENTS // N)
+    for r in range(0, M, rows):
+        block, off, near = z[r : r + rows], state[0, r : r + rows], state[1, r : r + rows]
+        torch.ge(block, low, out=near).logical_and_(block <= high)
+        torch.le(block, theta, out=off)
+        block.masked_fill_(off, 0)
         if want_l0:
-            return z, l0
-        return z
-
-    @staticmethod
-    def backward(ctx, grad_codes, grad_l0=None):
-        off, near, theta = ctx.saved_tensors
-        grad_z = torch.where(off, 0, grad_codes) if ctx.needs_input_grad[0] else None
-        grad_theta = None
-        if ctx.needs_input_grad[1]:
-            rows, cols = near // off.shape[1], near % off.shape[1]
-            window = theta[cols] * grad_codes[rows, cols].to(theta.dtype)
-            if grad_l0 is not None:
-                window += grad_l0[rows].to(theta.dtype)
-            grad_theta = torch.zeros_like(theta).index_add_(0, cols, window).mul_(-1.0 / ctx.bandwidth)
-        return grad_z, grad_theta, None, None
+            torch.sub(N, off.sum(1, dtype=torch.float32), out=l0[r : r + rows])
+    return z, l0, state
 
 
-def _reference(x, W_enc, b_enc, threshold, b_dec, bandwidth, return_l0):
-    if b_dec is None:
-        xc, bias = x, b_enc
-    elif x.requires_grad:
-        xc, bias = x - b_dec, b_enc
+def _torch_backward(
+    g: torch.Tensor, gl: torch.Tensor | None, state: torch.Tensor, theta: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The backward op on the torch path, from `_torch_forward`'s state.
+
+    The window holds a few elements per million at e = 0.001: the theta sums gather them by index.
+    """
+    off, near = state
+    grad_z = torch.where(off, 0, g)
+    window = near.view(-1).nonzero().squeeze(1)
+    rows, cols = window // off.shape[1], window % off.shape[1]
+    terms = theta[cols] * g[rows, cols].to(theta.dtype)
+    if gl is not None:
+        terms += gl[rows].to(theta.dtype)
+    gtheta = torch.zeros_like(theta).index_add_(0, cols, terms)
+    return grad_z, grad_z.sum(0).to(_sum_dtype(g.dtype)), gtheta
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Custom ops: the boundary torch.compile and autograd see
+# ------------------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("atoms::threshold_encode", mutates_args=())
+def _encode_op(
+    xc: torch.Tensor,
+    W: torch.Tensor,
+    bias: torch.Tensor,
+    theta: torch.Tensor,
+    bandwidth: float,
+    want_l0: bool,
+    mode: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """xc (M, d), W (d, N), bias (N,) in one dtype, theta (N,) -> codes (M, N), l0 (M,) float32 ((0,) without
+    `want_l0`), and the state backward reads: (M, ceil(N / 4)) uint8 from the kernels, (2, M, N) bool from
+    the torch path. `mode` is the `dispatch.Backend` that runs."""
+    if mode == "torch":
+        return _torch_forward(xc, W, bias, theta, bandwidth, want_l0)
+    # The kernel indexes the (N,) vectors with unit stride; a no-op for parameters.
+    return _launch_forward(xc, W, bias.contiguous(), theta.contiguous(), bandwidth, want_l0, mode)
+
+
+@_encode_op.register_fake
+def _encode_fake(xc, W, bias, theta, bandwidth, want_l0, mode):
+    M, N = xc.shape[0], W.shape[1]
+    l0 = xc.new_empty(M, dtype=torch.float32) if want_l0 else _no_l0(xc)
+    if mode == "torch":
+        state = xc.new_empty((2, M, N), dtype=torch.bool)
     else:
-        # Training feeds activations that need no gradient. Then autograd through x - b_dec would spend a full
-        # GEMM (grad_z @ W^T, batch x n_atoms x d) only to sum its rows into b_dec's gradient. Instead
-        # x - b_dec is taken on a detached b_dec (same values, same rounding) and b_dec's gradient,
-        # -W_enc grad_c, rides on a zero added to the bias: v.detach() - v is exactly 0 and has gradient -1
-        # with respect to v = b_dec @ W_enc.
-        v = b_dec @ W_enc.detach()
-        xc, bias = x - b_dec.detach(), b_enc + (v.detach() - v)
-    # addmm fuses the bias into the GEMM (bf16 GEMM for bf16 inputs): one write of z, no extra pass.
-    z = torch.addmm(bias, xc.reshape(-1, W_enc.shape[0]), W_enc)
-    return _JumpReLU.apply(z, threshold, bandwidth, return_l0)
+        state = xc.new_empty((M, (N + 3) // 4), dtype=torch.uint8)
+    return xc.new_empty((M, N)), l0, state
+
+
+@torch.library.custom_op("atoms::threshold_encode_backward", mutates_args=())
+def _encode_backward_op(
+    grad_codes: torch.Tensor,
+    grad_l0: torch.Tensor | None,
+    state: torch.Tensor,
+    theta: torch.Tensor,
+    mode: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """grad_z (M, N) in grad_codes' dtype, its column sums (N,) (float32, float64 for float64), and
+    sum_i K_ij (theta_j g_ij + gl_i) (N,) in theta's dtype."""
+    if mode == "torch":
+        return _torch_backward(grad_codes, grad_l0, state, theta)
+    return _launch_backward(grad_codes, grad_l0, state, theta, mode)
+
+
+@_encode_backward_op.register_fake
+def _encode_backward_fake(grad_codes, grad_l0, state, theta, mode):
+    column_sums = grad_codes.new_empty(grad_codes.shape[1], dtype=_sum_dtype(grad_codes.dtype))
+    return grad_codes.new_empty(grad_codes.shape), column_sums, torch.empty_like(theta)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    xc, W, _bias, theta, bandwidth, want_l0, mode = inputs
+    # Else autograd hands backward a zero tensor for every output without a gradient, the state included:
+    # a fill of its whole size each step.
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(xc, W, theta, output[2])
+    ctx.bandwidth, ctx.want_l0, ctx.mode = bandwidth, want_l0, mode
+
+
+def _backward(ctx, grad_codes, grad_l0, _grad_state):
+    """The elementwise part in the backward op; the two GEMMs are torch matmuls (cuBLAS, or Inductor's)."""
+    xc, W, theta, state = ctx.saved_tensors
+    if grad_codes is None:  # only l0 reached the loss
+        grad_codes = xc.new_zeros((xc.shape[0], W.shape[1]))
+    grad_l0 = grad_l0 if ctx.want_l0 else None  # the (0,) placeholder has no samples to send a gradient
+    grad_z, gcol, gtheta = _encode_backward_op(grad_codes, grad_l0, state, theta, ctx.mode)
+    need_x, need_w, need_bias, need_theta = ctx.needs_input_grad[:4]
+    return (
+        grad_z @ W.T if need_x else None,
+        xc.T @ grad_z if need_w else None,
+        gcol.to(W.dtype) if need_bias else None,
+        gtheta * (-1.0 / ctx.bandwidth) if need_theta else None,
+        None,
+        None,
+        None,
+    )
+
+
+_encode_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -440,9 +502,11 @@ def _reference(x, W_enc, b_enc, threshold, b_dec, bandwidth, return_l0):
 # ------------------------------------------------------------------------------------------------------------
 
 
-def _check(x, W_enc, b_enc, threshold, b_dec, bandwidth) -> None:
-    """Shapes, dtypes, emptiness, a positive finite threshold; one host sync (the threshold test) per call."""
-    for name, t in (("x", x), ("W_enc", W_enc), ("b_enc", b_enc), ("threshold", threshold), ("b_dec", b_dec)):
+def _check(x, W_enc, b_enc, threshold, b_dec, bandwidth, validate: bool) -> None:
+    """Shapes and dtypes (free: tensor metadata), then the threshold's values unless `validate` is False or
+    torch.compile is tracing: that test reads the tensor back, one host sync per call."""
+    tensors = (("x", x), ("W_enc", W_enc), ("b_enc", b_enc), ("threshold", threshold), ("b_dec", b_dec))
+    for name, t in tensors:
         if t is not None and not isinstance(t, torch.Tensor):
             raise TypeError(
                 f"{name} must be a torch.Tensor, got {type(t).__name__}; wrap it with torch.as_tensor."
@@ -463,18 +527,21 @@ def _check(x, W_enc, b_enc, threshold, b_dec, bandwidth) -> None:
     for name, t, size in (("b_enc", b_enc, n_atoms), ("threshold", threshold, n_atoms), ("b_dec", b_dec, d)):
         if t is not None and tuple(t.shape) != (size,):
             raise ValueError(f"{name} must have shape ({size},), got {tuple(t.shape)}.")
-    if x.dtype not in (*_FLOAT_DTYPES, torch.float64):
-        raise TypeError(
-            f"x has dtype {x.dtype}; use float32, bfloat16 or float16 (float64: torch path only)."
-        )
-    for name, t in (("W_enc", W_enc), ("b_enc", b_enc), ("b_dec", b_dec)):
-        if t is not None and t.dtype != x.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but x has {x.dtype}; cast it with `.to({x.dtype})`.")
+    for name, t in (("x", x), ("W_enc", W_enc), ("b_enc", b_enc), ("b_dec", b_dec)):
+        if t is not None and t.dtype not in (*_FLOAT_DTYPES, torch.float64):
+            raise TypeError(
+                f"{name} has dtype {t.dtype}; use float32, bfloat16 or float16 (float64: torch path only)."
+            )
     allowed = (torch.float32, torch.float64) if x.dtype == torch.float64 else (torch.float32,)
     if threshold.dtype not in allowed:
         raise TypeError(f"threshold has dtype {threshold.dtype}; keep it in float32 (`threshold.float()`).")
     if not (isinstance(bandwidth, (int, float)) and 0 < bandwidth < float("inf")):
         raise ValueError(f"bandwidth must be a positive finite number, got {bandwidth!r} (default 0.001).")
+    if validate and not torch.compiler.is_compiling():
+        _check_threshold_values(threshold)
+
+
+def _check_threshold_values(threshold: torch.Tensor) -> None:
     if not bool(((threshold > 0) & (threshold < float("inf"))).all()):
         bad = (~((threshold > 0) & (threshold < float("inf")))).nonzero().squeeze(1)
         raise ValueError(
@@ -484,12 +551,67 @@ def _check(x, W_enc, b_enc, threshold, b_dec, bandwidth) -> None:
         )
 
 
-def _shape_outputs(out, x: torch.Tensor, return_l0: bool):
+def _compute_dtype(x: torch.Tensor, *params: torch.Tensor | None) -> torch.dtype:
+    """The dtype of the GEMM and the codes: autocast's inside torch.autocast on x's device, as nn.Linear
+    computes there; otherwise torch's promotion of x's and the parameters' dtypes. Outside autocast nothing is
+    computed in less precision than asked: bf16 activations with fp32 master weights give an fp32 GEMM, the
+    cast SAELens makes (its SAEs move activations to their own dtype before encoding); users who want bf16
+    products ask for them with autocast, as with any torch layer."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    dtype = x.dtype
+    for p in params:
+        if p is not None:
+            dtype = torch.promote_types(dtype, p.dtype)
+    return dtype
+
+
+def _operands(
+    x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """xc = x - b_dec (M, d), W (d, N) and the bias (N,), cast to `_compute_dtype` (autograd takes gradients
+    back to each input's own dtype).
+
+    b_dec's gradient, -W_enc grad_bias, rides on a zero added to the bias: v.detach() - v is exactly 0 and has
+    gradient -1 with respect to v = b_dec @ W_enc, and xc is taken on a detached b_dec (same values, same
+    rounding). Autograd through x - b_dec would instead sum b_dec's gradient out of grad_xc, which costs a
+    full GEMM (grad_z @ W^T, batch x n_atoms x d) when x needs no gradient, as in SAE training.
+    """
+    dtype = _compute_dtype(x, W_enc, b_enc, b_dec)
+    W = W_enc.to(dtype)
+    xc, bias = x.reshape(-1, W.shape[0]).to(dtype), b_enc.to(dtype)
+    if b_dec is None:
+        return xc, W, bias
+    b_dec = b_dec.to(dtype)
+    v = b_dec @ W.detach()
+    return xc - b_dec.detach(), W, bias + (v.detach() - v)
+
+
+def _mode(reference: bool, dtype: torch.dtype, *tensors: torch.Tensor | None) -> Backend:
+    """The backend that runs: `dispatch.backend` (the torch path for the reference), for a compute `dtype`.
+
+    Under torch.compile this runs when the function is traced and its answer is an argument of the ops in
+    the graph, so the fake implementations' shapes and the run always agree; a later change of
+    ATOMS_KERNELS reaches compiled code after `torch.compiler.reset()`.
+    """
+    mode: Backend = "torch" if reference else backend(*tensors)
+    if mode != "torch" and dtype == torch.float64:
+        raise TypeError(
+            "the Triton threshold encoder takes float32, bfloat16 or float16; cast x and the parameters "
+            "to float32, or set ATOMS_KERNELS=torch for the float64 reference."
+        )
+    return mode
+
+
+def _encode(x, W_enc, b_enc, threshold, b_dec, bandwidth, return_l0, validate, reference):
+    _check(x, W_enc, b_enc, threshold, b_dec, bandwidth, validate)
+    xc, W, bias = _operands(x, W_enc, b_enc, b_dec)
+    mode = _mode(reference, xc.dtype, x, W_enc, b_enc, threshold, b_dec)
+    codes, l0, _ = _encode_op(xc, W, bias, threshold, float(bandwidth), return_l0, mode)
     batch = x.shape[:-1]
-    if return_l0:
-        codes, l0 = out
-        return EncoderOutput(codes.reshape(*batch, -1), l0.reshape(batch))
-    return out.reshape(*batch, -1)
+    codes = codes.reshape(*batch, -1)
+    return EncoderOutput(codes, l0.reshape(batch)) if return_l0 else codes
 
 
 def threshold_encode_reference(
@@ -501,13 +623,12 @@ def threshold_encode_reference(
     b_dec: torch.Tensor | None = None,
     bandwidth: float = 0.001,
     return_l0: bool = False,
+    validate: bool = True,
 ) -> torch.Tensor | EncoderOutput:
-    """Plain torch version of `threshold_encode` (same signature, same pseudo-derivatives); the CPU path.
-
-    Also accepts float64 inputs (with a float32 or float64 threshold), for gradient checks.
-    """
-    _check(x, W_enc, b_enc, threshold, b_dec, bandwidth)
-    return _shape_outputs(_reference(x, W_enc, b_enc, threshold, b_dec, bandwidth, return_l0), x, return_l0)
+    """`threshold_encode` on the torch path whatever the device and ATOMS_KERNELS (same signature, same
+    pseudo-derivatives); the CPU path. Also accepts float64 inputs (with a float32 or float64 threshold), for
+    gradient checks."""
+    return _encode(x, W_enc, b_enc, threshold, b_dec, bandwidth, return_l0, validate, reference=True)
 
 
 def threshold_encode(
@@ -519,39 +640,33 @@ def threshold_encode(
     b_dec: torch.Tensor | None = None,
     bandwidth: float = 0.001,
     return_l0: bool = False,
+    validate: bool = True,
 ) -> torch.Tensor | EncoderOutput:
     """JumpReLU codes = z H(z - theta) with z = (x - b_dec) @ W_enc + b_enc, differentiable in every input.
 
     Args:
         x: (..., d) activations, float32, bfloat16 or float16 (products accumulate in fp32).
-        W_enc: (d, n_atoms) in x's dtype.
-        b_enc: (n_atoms,) in x's dtype.
+        W_enc: (d, n_atoms).
+        b_enc: (n_atoms,).
         threshold: (n_atoms,) float32, positive (theta).
-        b_dec: (d,) in x's dtype, subtracted from x first; None for no offset.
+        b_dec: (d,), subtracted from x first; None for no offset.
         bandwidth: e of the rectangle kernel in the theta pseudo-derivatives.
         return_l0: also return l0 (...) float32, sum_j H(z_j - theta_j) per sample, whose gradient reaches
             theta only: the L0 penalty's theta gradient comes out of the same backward pass as the codes'.
+        validate: check that the threshold is positive and finite, which reads it back to the host (one
+            sync per call); False skips it. Under torch.compile it is skipped; shapes and dtypes are always
+            checked.
 
     Returns:
-        codes (..., n_atoms) in x's dtype, or `EncoderOutput(codes, l0)` when `return_l0`.
+        codes (..., n_atoms), or `EncoderOutput(codes, l0)` when `return_l0`, in the compute dtype: inside
+        torch.autocast the autocast dtype (x, W_enc, b_enc, b_dec cast to it; theta stays float32), otherwise
+        the promotion of x's and the parameters' dtypes (bf16 x with fp32 weights computes in fp32).
 
-    Runs the Triton kernels on CUDA tensors, the torch reference on CPU, per `dispatch.backend`.
+    Runs the Triton kernels on CUDA tensors, the torch reference on CPU, per `dispatch.backend`, inside the
+    custom op `torch.ops.atoms.threshold_encode` (with its autograd and fake implementation), so
+    torch.compile(fullgraph=True) traces through it.
     """
-    _check(x, W_enc, b_enc, threshold, b_dec, bandwidth)
-    mode: Backend = backend(x, W_enc, b_enc, threshold, b_dec)
-    if mode == "torch":
-        out = _reference(x, W_enc, b_enc, threshold, b_dec, bandwidth, return_l0)
-    else:
-        if x.dtype == torch.float64:
-            raise TypeError(
-                "the Triton threshold encoder takes float32, bfloat16 or float16; cast x and the parameters "
-                "to float32, or set ATOMS_KERNELS=torch for the float64 reference."
-            )
-        x2 = x.reshape(-1, W_enc.shape[0])
-        out = _ThresholdEncodeFunction.apply(
-            x2, W_enc, b_enc, b_dec, threshold, float(bandwidth), return_l0, mode
-        )
-    return _shape_outputs(out, x, return_l0)
+    return _encode(x, W_enc, b_enc, threshold, b_dec, bandwidth, return_l0, validate, reference=False)
 
 
 class ThresholdEncoder(torch.nn.Module):

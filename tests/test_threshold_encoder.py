@@ -355,7 +355,7 @@ def _args(**over):
         ),
         ({"threshold": torch.full((5,), float("nan"))}, {}, ValueError, "positive and finite"),
         ({"threshold": torch.full((5,), 0.1, dtype=torch.float64)}, {}, TypeError, "keep it in float32"),
-        ({"W_enc": torch.randn(3, 5).bfloat16()}, {}, TypeError, r"cast it with `\.to\(torch\.float32\)`"),
+        ({"W_enc": torch.ones(3, 5, dtype=torch.int64)}, {}, TypeError, "W_enc has dtype torch.int64"),
         ({"x": torch.randint(0, 3, (4, 3))}, {}, TypeError, "use float32, bfloat16 or float16"),
         ({"x": torch.randn(0, 3)}, {}, ValueError, "empty input"),
         ({}, {"bandwidth": 0.0}, ValueError, "bandwidth must be a positive finite number"),
