@@ -25,6 +25,7 @@ _EXPORTS = {
     "AtomsError": "atoms.errors",
     "BadInputError": "atoms.errors",
     "IllConditionedError": "atoms.errors",
+    "evaluate": "atoms.evaluation",
     "q_star": "atoms.metrics",
     "r2": "atoms.metrics",
     "basis_pursuit": "atoms.recovery",

@@ -22,16 +22,18 @@ import math
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
-from typing import Literal, NamedTuple
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
-import cvxpy as cp
 import numpy as np
 import torch
-from scipy import optimize, stats
+from scipy import optimize
 
 from atoms.batched_recovery import certificate_room, certify, disproof, solve_batched
 from atoms.dictionary import Dictionary
 from atoms.errors import BadInputError, IllConditionedError, as_float_tensor
+
+if TYPE_CHECKING:
+    import cvxpy as cp
 
 __all__ = [
     "FAILED_ABOVE",
@@ -82,7 +84,9 @@ _UNPROVEN = "unsolved"
 # it of equal l1 norm (`atoms.batched_recovery.disproof`).
 _BEATEN = "beaten"
 _TIED = "tied"
-_WILSON_Z = float(stats.norm.ppf(0.975))
+# scipy.stats.norm.ppf(0.975), written out: cvxpy and scipy.stats are imported only by the functions that
+# use them, so that training code importing atoms.metrics does not pay for them.
+_WILSON_Z = 1.959963984540054
 
 Array = torch.Tensor | np.ndarray
 
@@ -236,6 +240,8 @@ def cvxpy_problem(W_dec: Array | Dictionary, nonneg: bool = False) -> BPProblem:
     if key in _PROBLEMS:
         _PROBLEMS.move_to_end(key)
         return _PROBLEMS[key]
+    import cvxpy as cp
+
     n_atoms, d = W.shape
     x = cp.Variable(n_atoms, nonneg=bool(nonneg))
     m = cp.Parameter(d)
@@ -250,6 +256,8 @@ def cvxpy_problem(W_dec: Array | Dictionary, nonneg: bool = False) -> BPProblem:
 def _solve_cvxpy(
     W: np.ndarray, M: np.ndarray, nonneg: bool, cvxpy_solver: str
 ) -> tuple[np.ndarray, list[str]]:
+    import cvxpy as cp
+
     bp = cvxpy_problem(torch.from_numpy(W), nonneg)
     codes = np.zeros((M.shape[0], W.shape[0]))
     statuses = []
@@ -366,11 +374,14 @@ def basis_pursuit(
     M = M.reshape(-1, d)
     if solver not in _SOLVERS:
         raise BadInputError(f"solver must be one of {_SOLVERS}, got {solver!r}.")
-    if solver == "cvxpy" and cvxpy_solver.upper() not in cp.installed_solvers():
-        raise BadInputError(
-            f"cvxpy_solver {cvxpy_solver!r} is not installed; choose one of {cp.installed_solvers()} "
-            "(CLARABEL is the reference)."
-        )
+    if solver == "cvxpy":
+        import cvxpy as cp
+
+        if cvxpy_solver.upper() not in cp.installed_solvers():
+            raise BadInputError(
+                f"cvxpy_solver {cvxpy_solver!r} is not installed; choose one of {cp.installed_solvers()} "
+                "(CLARABEL is the reference)."
+            )
     if k is not None:
         if solver != "omp":
             raise BadInputError(
@@ -822,6 +833,8 @@ def wilson_interval(successes: Array, trials: int, z: float = _WILSON_Z) -> tupl
 
 def _tail_second_moment(tau: float) -> float:
     """E[(g - tau)_+^2], g ~ N(0, 1): int_tau^inf (u - tau)^2 phi(u) du = (1 + tau^2) Q(tau) - tau phi(tau)"""
+    from scipy import stats
+
     return (1 + tau * tau) * stats.norm.sf(tau) - tau * stats.norm.pdf(tau)
 
 

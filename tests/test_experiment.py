@@ -12,6 +12,8 @@ import json
 import math
 import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -452,3 +454,20 @@ def test_choose_latents_and_card_errors():
         make_cards(codes[None], tokens, tokenizer, kind="atom")
     with pytest.raises(BadInputError, match="count"):
         choose_latents(codes, -1)
+
+
+def test_readme_tables_print_from_results_json(run, tmp_path):
+    """docs/readme_tables.py turns a run's results.json into README's two main-job tables, one row per
+    dictionary (and per layer), with the numbers of the run."""
+    _, results = run
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(results))
+    script = Path(__file__).resolve().parents[1] / "docs" / "readme_tables.py"
+    out = subprocess.run(
+        [sys.executable, "-P", str(script), str(path)], capture_output=True, text=True, check=True
+    ).stdout
+    headline, bp = out.strip().split("\n\n")
+    assert len(headline.splitlines()) == 2 + 3
+    assert len(bp.splitlines()) == 2 + 3 * len(results["layers"])
+    atoms_r2 = f"{100 * results['summary']['atoms']['r2_euclidean']:.1f}%"
+    assert atoms_r2 in headline.splitlines()[2]

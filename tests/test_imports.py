@@ -63,6 +63,14 @@ def test_training_names_load_without_the_solvers(name, module):
     assert not {"cvxpy", "scipy.stats", "transformers"} & modules, slowest
 
 
+@pytest.mark.parametrize("module", ["atoms.recovery", "atoms.metrics"])
+def test_metrics_and_recovery_load_the_solvers_on_first_use(module):
+    # Training code scores with atoms.metrics; only the cvxpy solver and the phase transition's curve need
+    # cvxpy and scipy.stats, and those functions import them.
+    modules, slowest = loaded_after(f"import {module}")
+    assert not {"cvxpy", "scipy.stats"} & modules, slowest
+
+
 def test_lazy_exports_behave_like_attributes():
     import atoms
 

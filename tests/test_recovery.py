@@ -80,14 +80,16 @@ def test_synth_planted_codes_are_recovered():
 
 def test_cvxpy_problem_is_built_once_and_reused(monkeypatch):
     W = np.random.default_rng(7).standard_normal((12, 6))
+    import cvxpy  # atoms.recovery imports it on first use, so patch the module itself
+
     built = []
-    original = recovery.cp.Problem
+    original = cvxpy.Problem
 
     def counting_problem(*args, **kwargs):
         built.append(1)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(recovery.cp, "Problem", counting_problem)
+    monkeypatch.setattr(cvxpy, "Problem", counting_problem)
     X = planted(3, 12, 1, False, seed=2)
     basis_pursuit(W, X @ W, solver="cvxpy")
     first = cvxpy_problem(W)
