@@ -235,6 +235,7 @@ def _certify(
         bp_samples=samples,
         nonneg=nonneg,
         seed=seed,
+        codes_of="unit",
     )
     return certified, n_dense
 

@@ -61,7 +61,6 @@ from atoms.metrics import (
     r2,
     to_sparse,
     tsae_window,
-    unit_codes,
 )
 from atoms.models import DEFAULT_MODEL, load_model
 from atoms.recovery import phase_transition
@@ -823,7 +822,8 @@ def _certified(
     cert = certified_fractions(
         dic_aip,
         idx,
-        unit_codes(dic_aip, vals, idx),
+        vals,
+        codes_of="raw",
         erc_samples=config.erc_samples,
         bp_samples=config.bp_samples,
         bp_solver=config.bp_solver,

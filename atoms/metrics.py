@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
 
@@ -486,6 +487,40 @@ class Certified(NamedTuple):
     seconds: float
 
 
+def _as_unit_codes(
+    dictionary: Dictionary, idx: torch.Tensor, vals: torch.Tensor, codes_of: str | None
+) -> torch.Tensor:
+    """Sparse values (n, k) as coefficients of dictionary.unit, by `certified_fractions`' codes_of rule."""
+    if codes_of not in (None, "unit", "raw"):
+        raise BadInputError(
+            f"codes_of must be 'unit' (codes of the unit-norm atoms, a TSAE's) or 'raw' (codes of the raw "
+            f"atoms, e.g. an SAE's own W_dec rows), got {codes_of!r}."
+        )
+    if codes_of == "raw":
+        return unit_codes(dictionary, vals, idx)
+    norms = dictionary.norms
+    # float32 atoms normalised in float32 stay within ~1e-6 of 1: those are unit-norm already.
+    if codes_of is None and float((norms - 1).abs().max()) > 1e-5:
+        warnings.warn(
+            f"certified_fractions reads the codes as coefficients of the unit-norm atoms, but this "
+            f"dictionary's raw atoms have norms {float(norms.min()):.3g} to {float(norms.max()):.3g}: pass "
+            "codes_of='raw' if the codes multiply the raw atoms (an SAE's own codes), or codes_of='unit' "
+            "if they are already codes of the unit-norm atoms.",
+            stacklevel=3,
+        )
+    return vals
+
+
+def _warn_dense(n_dense: int, n: int, d: int) -> None:
+    if n_dense:
+        warnings.warn(
+            f"{n_dense} of {n} samples have more than d = {d} active atoms: no certificate can hold for them "
+            "(their atoms are linearly dependent), so they count as failed for basis pursuit and ERC without "
+            "being solved; sparser codes (a larger sparsity coefficient or target_l0) can be certified.",
+            stacklevel=3,
+        )
+
+
 def _interval(successes: int, trials: int) -> tuple[float, float]:
     if trials == 0:
         return math.nan, math.nan
@@ -523,18 +558,26 @@ def certified_fractions(
     nonneg: bool = False,
     seed: int = 0,
     progress: Progress = False,
+    codes_of: Literal["unit", "raw"] | None = None,
 ) -> Certified:
     """Certified counterparts of q*: spark, ERC and basis-pursuit fractions of the samples (SPEC section 5).
 
-    dictionary: the atoms; codes are read as coefficients of `dictionary.unit` (see `unit_codes` and the
-    module docstring: a TSAE's codes can be passed as they are). indices, values: sparse codes (n, k), -1
-    padding. spark_lower: a proven lower bound on spark(dictionary.unit); None takes the larger of the
-    coherence and babel bounds of `uniqueness.spark_lower_bounds` (a few babel evaluations, each a pass over
-    the Gram in tiles). erc_samples, bp_samples: sizes of the random subsamples (without replacement, the
+    dictionary: the atoms. indices, values: sparse codes (n, k), -1 padding. codes_of: "unit" reads the codes
+    as coefficients of `dictionary.unit` (a TSAE's codes, whose atoms have AIP norm 1); "raw" as coefficients
+    of the raw atoms (an SAE's own codes of its W_dec rows at their norms), converted here by `unit_codes`;
+    None is "unit", with a warning when the raw atoms are not unit-norm (the two readings then differ, and
+    picking the wrong one changes every result).
+    Samples with more active atoms than d are decided without a solver: their atoms are linearly dependent,
+    so a null-space direction inside the support moves the code without raising its l1 norm (signs and, for
+    nonneg, positivity hold for small steps): basis pursuit fails on them and ERC is +inf. A warning says
+    how many there are.
+    spark_lower: a proven lower bound on spark(dictionary.unit); None takes the larger of the coherence and
+    babel bounds of `uniqueness.spark_lower_bounds` (a few babel evaluations, each a pass over the Gram in
+    tiles). erc_samples, bp_samples: sizes of the random subsamples (without replacement, the
     first rows of one permutation drawn from `seed`, so the BP rows are among the ERC rows when bp_samples
     <= erc_samples; all samples when n is smaller; bp_samples None: every sample). bp_solver: "batched"
-    (default: the whole batch in one call of `atoms.recovery.basis_pursuit`'s batched solver, every answer
-    proven by a dual certificate or a duality gap; with `bp_fallback` False, a sample it proves nothing
+    (default: the whole batch in one call of `atoms.recovery.basis_pursuit`'s batched solver, every recovery
+    proven by a dual certificate; with `bp_fallback` False, a sample it proves nothing
     about is flagged instead of being re-solved by HiGHS), "linprog" (HiGHS per sample: 14 s each at 2304
     atoms in d = 576), "cvxpy", "omp", or a callable with the signature of `atoms.recovery.basis_pursuit`
     (W_dec, m, *, nonneg, true_codes) returning its RecoveryResult; a callable's "recovered" counts only where
@@ -553,6 +596,7 @@ def certified_fractions(
     start = time.perf_counter()
     dictionary = _check_dictionary(dictionary)
     idx, vals, active = _sparse(indices, values, dictionary.n_atoms)
+    vals = _as_unit_codes(dictionary, idx, vals, codes_of)
     erc_samples = _check_int(erc_samples, "erc_samples", 0)
     bp_samples = idx.shape[0] if bp_samples is None else _check_int(bp_samples, "bp_samples", 0)
     if not (isinstance(bp_solver, str) or callable(bp_solver)):
@@ -564,6 +608,8 @@ def certified_fractions(
     n = idx.shape[0]
     l0 = active.sum(dim=1)
     unit = dictionary.unit
+    dense_codes = l0 > unit.shape[1]
+    _warn_dense(int(dense_codes.sum()), n, unit.shape[1])
 
     if spark_lower is None:
         coh, bab = spark_lower_bounds(dictionary, progress=progress)
@@ -586,27 +632,31 @@ def certified_fractions(
     bar = ticker(progress, erc_rows.numel() + (bp_rows.numel() > 0), "ERC and basis pursuit", "step")
     erc_list = []
     host_unit, host_idx, host_active = unit.cpu(), idx.cpu(), active.cpu()
+    host_dense = dense_codes.cpu()
     for i in erc_rows.tolist():
-        erc_list.append(_erc_of_support(host_unit, host_idx[i][host_active[i]]))
+        support = host_idx[i][host_active[i]]
+        erc_list.append(math.inf if host_dense[i] else _erc_of_support(host_unit, support))
         bar.advance()
     erc_values = torch.tensor(erc_list, dtype=torch.float64, device=vals.device)
     erc_count = int((erc_values < 1).sum())
 
     counts = {"recovered": 0, "flagged": 0, "failed": 0}
     solver_name = bp_solver if isinstance(bp_solver, str) else getattr(bp_solver, "__name__", repr(bp_solver))
-    if bp_rows.numel():
-        dense = torch.zeros(bp_rows.numel(), dictionary.n_atoms, dtype=torch.float64, device=vals.device)
+    counts["failed"] = int(dense_codes.cpu()[bp_rows].sum())  # proven above, no solver needed
+    solved = bp_rows[~dense_codes.cpu()[bp_rows]]
+    if solved.numel():
+        dense = torch.zeros(solved.numel(), dictionary.n_atoms, dtype=torch.float64, device=vals.device)
         # scatter_add: padding entries all point at column 0 and must add 0 there, not overwrite atom 0.
-        dense.scatter_add_(1, idx[bp_rows].clamp(min=0), torch.where(active[bp_rows], vals[bp_rows], 0.0))
+        dense.scatter_add_(1, idx[solved].clamp(min=0), torch.where(active[solved], vals[solved], 0.0))
         m = dense @ unit.to(dense.device)
         if isinstance(bp_solver, str):
             extra = {"fallback": bp_fallback} if bp_solver == "batched" else {}
             result = basis_pursuit(unit, m, nonneg=nonneg, solver=bp_solver, true_codes=dense, **extra)
         else:
             result = bp_solver(unit, m, nonneg=nonneg, true_codes=dense)
-        if result.decisions is None or len(result.decisions) != bp_rows.numel():
+        if result.decisions is None or len(result.decisions) != solved.numel():
             raise BadInputError(
-                f"bp_solver {solver_name} returned no per-sample decisions for {bp_rows.numel()} problems; "
+                f"bp_solver {solver_name} returned no per-sample decisions for {solved.numel()} problems; "
                 "it must return atoms.recovery.RecoveryResult with decisions (it receives true_codes)."
             )
         decisions = result.decisions
@@ -619,6 +669,7 @@ def certified_fractions(
             ]
         for decision in decisions:
             counts[decision] += 1
+    if bp_rows.numel():
         bar.advance()
     bar.close()
     n_erc, n_bp = erc_rows.numel(), bp_rows.numel()

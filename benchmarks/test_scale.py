@@ -122,7 +122,7 @@ def scale_step(step: str, size: str, progress: bool = False) -> Callable[[], obj
         return stability
     if step == "certified":
         return lambda: certified_fractions(
-            dic, idx, vals, erc_samples=ERC_SAMPLES, bp_samples=0, progress=progress
+            dic, idx, vals, erc_samples=ERC_SAMPLES, bp_samples=0, progress=progress, codes_of="unit"
         )
     raise ValueError(f"unknown step {step!r}; use one of {STEPS}")
 

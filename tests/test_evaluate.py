@@ -47,7 +47,7 @@ def direct(model: torch.nn.Module, x: torch.Tensor, aip: AIP, keep: int) -> dict
     indices, values = to_sparse(codes)
     values = unit_codes(dictionary, values.double() / sae.input_scale, indices)
     mu, l0 = per_sample_coherence(dictionary, indices, values)
-    certified = certified_fractions(dictionary, indices[:keep], values[:keep], nonneg=True)
+    certified = certified_fractions(dictionary, indices[:keep], values[:keep], nonneg=True, codes_of="unit")
     return {
         "r2_euclidean": r2(x, x_hat),
         "r2_aip": r2(x, x_hat, aip),

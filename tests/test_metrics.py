@@ -470,6 +470,56 @@ def test_certified_fractions_hand_case(solver):
     np.testing.assert_allclose(cert.bp_interval, wilson(4, 5), rtol=1e-12)
 
 
+def test_certified_fractions_decides_codes_denser_than_d_without_a_solver(monkeypatch):
+    """12 atoms in d = 4: a code on 5 atoms has dependent atoms, so it is never the unique l1 minimiser. It
+    counts as failed (ERC +inf) with a warning, and basis pursuit only sees the sparse samples; cvxpy agrees
+    that the dense code is not recovered."""
+    rng = np.random.default_rng(3)
+    W = rng.standard_normal((12, 4))
+    dic = Dictionary(W)
+    indices = torch.tensor([[0, 1, 2, 3, 4], [5, -1, -1, -1, -1]])
+    values = torch.tensor([[1.0, 0.5, 0.7, 0.3, 0.9], [2.0, 0, 0, 0, 0]], dtype=torch.float64)
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append(args[1].shape[0])
+        return basis_pursuit(*args, **kwargs)
+
+    monkeypatch.setattr(metrics, "basis_pursuit", spy)
+    with pytest.warns(UserWarning, match=r"1 of 2 samples have more than d = 4 active atoms"):
+        cert = certified_fractions(dic, indices, values, nonneg=True, codes_of="unit")
+    assert seen == [1]  # the sparse sample alone went to the solver
+    assert (cert.bp_recovered, cert.bp_failed, cert.bp_flagged) == (1, 1, 0)
+    assert math.isinf(cert.erc_values[0])
+    assert cert.erc_values[1] == pytest.approx(np_erc(dic.unit.numpy(), np.array([5])), rel=1e-12)
+    dense = torch.zeros(12, dtype=torch.float64)
+    dense[:5] = values[0]
+    reference = basis_pursuit(dic.unit, dense @ dic.unit, nonneg=True, solver="cvxpy", true_codes=dense)
+    assert reference.decisions != ["recovered"]
+
+
+def test_certified_fractions_reads_raw_codes_when_told_and_warns_when_it_must_guess():
+    """Atoms of norm 2 and 0.5: a code of the raw atoms is a different code of the unit ones. codes_of='raw'
+    equals converting with unit_codes first; codes_of=None warns that it reads them as unit codes."""
+    rng = np.random.default_rng(4)
+    W = rng.standard_normal((10, 6))
+    W /= np.linalg.norm(W, axis=1, keepdims=True)
+    W[:5] *= 2.0
+    W[5:] *= 0.5
+    dic = Dictionary(W)
+    indices = torch.tensor([[0, 7, -1], [2, 5, 9]])
+    raw = torch.tensor([[1.0, 3.0, 0.0], [0.5, 1.0, 2.0]], dtype=torch.float64)
+    kwargs = {"erc_samples": 2, "nonneg": True, "spark_lower": 3.0}
+    by_raw = certified_fractions(dic, indices, raw, codes_of="raw", **kwargs)
+    unit = metrics.unit_codes(dic, raw, indices)
+    by_hand = certified_fractions(dic, indices, unit, codes_of="unit", **kwargs)
+    assert by_raw.bp_recovered == by_hand.bp_recovered and torch.equal(by_raw.erc_values, by_hand.erc_values)
+    with pytest.warns(UserWarning, match=r"raw atoms have norms 0.5 to 2.*codes_of='raw'"):
+        certified_fractions(dic, indices, raw, **kwargs)
+    with pytest.raises(BadInputError, match="codes_of must be 'unit'"):
+        certified_fractions(dic, indices, raw, codes_of="whitened", **kwargs)
+
+
 def np_babel(U: np.ndarray, k: int) -> float:
     G = np.abs(U @ U.T)
     np.fill_diagonal(G, -np.inf)

@@ -190,8 +190,8 @@ def test_per_sample_coherence_gather_path_equals_dense():
 
 def test_certified_fractions_tiled_equal_untiled():
     idx, vals = codes()
-    tiled = certified_fractions(dictionary(TILE), idx, vals, erc_samples=6, bp_samples=0)
-    whole = certified_fractions(dictionary(N), idx, vals, erc_samples=6, bp_samples=0)
+    tiled = certified_fractions(dictionary(TILE), idx, vals, erc_samples=6, bp_samples=0, codes_of="unit")
+    whole = certified_fractions(dictionary(N), idx, vals, erc_samples=6, bp_samples=0, codes_of="unit")
     a = dense_abs_gram()
     assert tiled.spark_lower == whole.spark_lower == dense_crossing(a, 1 - SLACK) + 1
     assert tiled.spark_count == whole.spark_count
@@ -228,7 +228,7 @@ def test_progress_hook_changes_nothing_and_reaches_total():
     hook.assert_complete(1)
 
     hook = Hook()
-    args = {"erc_samples": 4, "bp_samples": 2, "bp_solver": "omp"}
+    args = {"erc_samples": 4, "bp_samples": 2, "bp_solver": "omp", "codes_of": "unit"}
     got = certified_fractions(dictionary(TILE), idx, vals, **args, progress=hook)
     ref = certified_fractions(dictionary(TILE), idx, vals, **args)
     hook.assert_complete(3)  # coherence, Babel, then 4 ERC steps + 1 BP step
