@@ -605,7 +605,10 @@ def _wrap(weights: dict[str, torch.Tensor]) -> SparseAutoencoder:
     """
     n, d = weights["W_dec"].shape
     cls = _LogThresholdTSAE if "log_threshold" in weights else TSAE if "threshold" in weights else ReLUSAE
-    model = cls(d, n, input_scale=1.0, dtype=weights["W_dec"].dtype)
+    # Built at 1 x 1, then sized: every shaped tensor is replaced below, so drawing the (n, d) random
+    # initialisation would only cost time and memory (2.4 GB of float64 for 131072 latents at d = 2304).
+    model = cls(1, 1, input_scale=1.0, dtype=weights["W_dec"].dtype)
+    model.d, model.n_atoms = d, n
     for name, value in weights.items():
         shared = value if isinstance(value, nn.Parameter) else nn.Parameter(value, requires_grad=False)
         setattr(model, name, shared)
