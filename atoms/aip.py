@@ -21,7 +21,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from atoms.errors import BadInputError, IllConditionedError, as_float_tensor
+from atoms.errors import BadInputError, IllConditionedError, as_batches, as_float_tensor
 
 __all__ = ["AIP", "Angles", "SecondMoment", "euclidean_angles"]
 
@@ -354,26 +354,15 @@ def _moment_of(
     activations: torch.Tensor | np.ndarray | Iterable[torch.Tensor | np.ndarray], center: bool
 ) -> SecondMoment:
     """The SecondMoment of one (..., d) tensor or array, or of every batch of an iterable of them."""
-    if isinstance(activations, (torch.Tensor, np.ndarray)):
-        x = as_float_tensor(activations, "activations")
-        return SecondMoment(x.shape[-1], center).update(x)
-    if not isinstance(activations, Iterable) or isinstance(activations, (str, bytes, dict)):
-        raise BadInputError(
-            "activations must be a (..., d) tensor or array, or an iterable of (batch, d) ones (a "
-            f"DataLoader, a generator, a list of batches); got {type(activations).__name__}. To stream from "
-            "a source of another kind, update an atoms.aip.SecondMoment batch by batch and call "
-            "AIP.from_moment."
-        )
-    moment: SecondMoment | None = None
-    for i, batch in enumerate(activations):
-        if isinstance(batch, (tuple, list)) and len(batch) == 1:
-            batch = batch[0]
-        x = as_float_tensor(batch, f"activations batch {i}", d=None if moment is None else moment.d)
-        if moment is None:
-            moment = SecondMoment(x.shape[-1], center)
+    hint = (
+        " To stream from a source of another kind, update an atoms.aip.SecondMoment batch by batch and call "
+        "AIP.from_moment."
+    )
+    batches = as_batches(activations, hint=hint)
+    first = next(batches)  # as_batches raises on an iterable without batches
+    moment = SecondMoment(first.shape[-1], center).update(first)
+    for x in batches:
         moment.update(x)
-    if moment is None:
-        raise BadInputError("activations yielded no batches; pass an iterable that yields (batch, d) ones.")
     return moment
 
 

@@ -6,10 +6,19 @@ singular moment should learn the fix from the message alone.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+
 import numpy as np
 import torch
 
-__all__ = ["AtomsError", "BadInputError", "IllConditionedError", "as_float_tensor", "check_finite"]
+__all__ = [
+    "AtomsError",
+    "BadInputError",
+    "IllConditionedError",
+    "as_batches",
+    "as_float_tensor",
+    "check_finite",
+]
 
 
 class AtomsError(ValueError):
@@ -85,3 +94,34 @@ def as_float_tensor(
         x = x.to(dtype)
     check_finite(x, what)
     return x
+
+
+def as_batches(
+    activations: torch.Tensor | np.ndarray | Iterable[torch.Tensor | np.ndarray],
+    d: int | None = None,
+    *,
+    hint: str = "",
+) -> Iterator[torch.Tensor]:
+    """Checked (batch, d) float tensors from one (..., d) tensor or array (one batch), or from each batch of
+    an iterable of them: a DataLoader, a generator, a list (a 1-tuple batch, as a DataLoader over a
+    TensorDataset yields it, is unpacked). d: the width every batch must have; None takes the first batch's.
+    Raises BadInputError for another type (its message ends with `hint`) or an iterable without batches.
+    """
+    if isinstance(activations, (torch.Tensor, np.ndarray)):
+        x = as_float_tensor(activations, "activations", d=d)
+        yield x.reshape(-1, x.shape[-1])
+        return
+    if not isinstance(activations, Iterable) or isinstance(activations, (str, bytes, dict)):
+        raise BadInputError(
+            "activations must be a (..., d) tensor or array, or an iterable of (batch, d) ones (a "
+            f"DataLoader, a generator, a list of batches); got {type(activations).__name__}.{hint}"
+        )
+    empty = True
+    for i, batch in enumerate(activations):
+        if isinstance(batch, (tuple, list)) and len(batch) == 1:
+            batch = batch[0]
+        x = as_float_tensor(batch, f"activations batch {i}", d=d)
+        d, empty = x.shape[-1], False
+        yield x.reshape(-1, d)
+    if empty:
+        raise BadInputError("activations yielded no batches; pass an iterable that yields (batch, d) ones.")

@@ -22,7 +22,7 @@ from torch import nn
 
 from atoms.aip import AIP
 from atoms.dictionary import Dictionary
-from atoms.errors import BadInputError, as_float_tensor
+from atoms.errors import BadInputError, as_batches
 from atoms.metrics import (
     Certified,
     QStar,
@@ -103,21 +103,9 @@ def _is_one_shot(activations: Activations) -> bool:
 
 
 def _batches(activations: Activations, d: int) -> Iterator[torch.Tensor]:
-    """(batch, d) checked float tensors from one (..., d) tensor or array, or from an iterable of batches
-    (a 1-tuple, as a DataLoader over a TensorDataset yields, is unpacked)."""
-    if isinstance(activations, (torch.Tensor, np.ndarray)):
-        x = as_float_tensor(activations, "activations", d=d).reshape(-1, d)
+    """(batch, d) checked float tensors (`as_batches`); one tensor or array is cut into _TENSOR_BATCH rows."""
+    for x in as_batches(activations, d):
         yield from x.split(_TENSOR_BATCH)
-        return
-    if not isinstance(activations, Iterable) or isinstance(activations, (str, bytes, dict)):
-        raise BadInputError(
-            "activations must be a (..., d) tensor or array, or an iterable of (batch, d) ones (a "
-            f"DataLoader, a generator, a list of batches); got {type(activations).__name__}."
-        )
-    for i, batch in enumerate(activations):
-        if isinstance(batch, (tuple, list)) and len(batch) == 1:
-            batch = batch[0]
-        yield as_float_tensor(batch, f"activations batch {i}", d=d).reshape(-1, d)
 
 
 def _cat_sparse(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,8 +143,6 @@ def _stream(
         if n_kept < keep:
             kept.append((indices[: keep - n_kept], values[: keep - n_kept]))
             n_kept += kept[-1][0].shape[0]
-    if device is None:
-        raise BadInputError("activations yielded no batches; pass an iterable that yields (batch, d) ones.")
     return _Stream(euclidean, whitened, torch.cat(mus), torch.cat(l0s), _cat_sparse(kept) if kept else None)
 
 
