@@ -642,8 +642,8 @@ def certified_fractions(
 
     counts = {"recovered": 0, "flagged": 0, "failed": 0}
     solver_name = bp_solver if isinstance(bp_solver, str) else getattr(bp_solver, "__name__", repr(bp_solver))
-    counts["failed"] = int(dense_codes.cpu()[bp_rows].sum())  # proven above, no solver needed
-    solved = bp_rows[~dense_codes.cpu()[bp_rows]]
+    counts["failed"] = int(host_dense[bp_rows].sum())  # proven above, no solver needed
+    solved = bp_rows[~host_dense[bp_rows]]
     if solved.numel():
         dense = torch.zeros(solved.numel(), dictionary.n_atoms, dtype=torch.float64, device=vals.device)
         # scatter_add: padding entries all point at column 0 and must add 0 there, not overwrite atom 0.
