@@ -45,6 +45,7 @@ from torch import nn
 
 from atoms.aip import AIP, whiten_rows
 from atoms.errors import BadInputError, as_float_tensor, check_finite
+from atoms.kernels.sparse_step import mean_squared_error, sparse_autoencode
 from atoms.kernels.threshold_encoder import threshold_encode
 
 __all__ = [
@@ -53,6 +54,7 @@ __all__ = [
     "ReLUSAE",
     "SparseAutoencoder",
     "TSAEOutput",
+    "TrainingLoss",
     "as_sae",
     "load_saelens",
     "save_saelens",
@@ -76,6 +78,8 @@ SAELENS_PARTS = (
     "SAE (neither for a ReLU SAE)"
 )
 _LINEAR_PARTS = ("W_enc", "b_enc", "W_dec", "b_dec")
+# Rows whitened at once by `scale_rows`: a (block, d) float copy, bounded whatever the number of rows.
+SCALE_BLOCK_ROWS = 65_536
 
 
 class TSAEOutput(NamedTuple):
@@ -110,11 +114,27 @@ def _check_positive(name: str, value: Any, *, allow_zero: bool = False, hint: st
     return float(value)
 
 
+class TrainingLoss(NamedTuple):
+    """What `SparseAutoencoder.training_loss` returns."""
+
+    loss: torch.Tensor
+    recon_loss: torch.Tensor
+    l0_loss: torch.Tensor
+    """The sparsity term (L0 for a JumpReLU SAE, L1 for a ReLU SAE), coefficient included."""
+    l0: torch.Tensor
+    """() float32: mean active latents per row, detached."""
+    fired: torch.Tensor
+    """(n_atoms,) bool: latents active in some row."""
+    rows: int
+    """Rows in the batch."""
+
+
 class SparseAutoencoder(nn.Module, ABC):
     """What the TSAE and the ReLU SAE share: coordinates, decoder, loss, input scale, unit-norm constraint.
 
     Subclasses define `_encode(u (batch, d)) -> (codes (batch, n_atoms), penalty (batch,), l0 (batch,))`,
-    where penalty is the per-sample sparsity term the coefficient multiplies.
+    where penalty is the per-sample sparsity term the coefficient multiplies, and `_sparse_pass`, the same
+    model on the sparse training path.
     """
 
     architecture: str
@@ -237,13 +257,77 @@ class SparseAutoencoder(nn.Module, ABC):
         codes, penalty, l0 = self._encode(u)
         u_hat = codes @ self.W_dec + self.b_dec
         x_hat = self._unscaled(u_hat)
-        if self.loss_norm == "aip":
-            recon = (u.to(x_hat.dtype) - u_hat.to(x_hat.dtype)).pow(2).sum(-1).mean()
-        else:
-            recon = (raw - x_hat).pow(2).sum(-1).mean() * self.raw_scale**2
+        recon = self._recon_loss(u, u_hat, raw, x_hat)
         coef = self.sparsity_coefficient if coefficient is None else coefficient
         sparsity = coef * penalty.mean()
         return TSAEOutput(x_hat, codes, recon + sparsity, recon, sparsity, l0.detach().float().mean())
+
+    def _recon_loss(
+        self,
+        u: torch.Tensor,
+        u_hat: torch.Tensor,
+        raw: torch.Tensor | None,
+        x_hat: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Mean squared error in the loss norm: ||u - u_hat||^2 (AIP), or ||x - x_hat||^2 on raw activations
+        at the raw-loss scale (Euclidean; raw None: recovered from u). In the compute dtype."""
+        dtype = self._compute_dtype
+        if self.loss_norm == "aip":
+            return mean_squared_error(u_hat.to(dtype), u.to(dtype))
+        raw = self._unscaled(u) if raw is None else raw
+        x_hat = self._unscaled(u_hat) if x_hat is None else x_hat
+        return (raw - x_hat).pow(2).sum(-1).mean() * self.raw_scale**2
+
+    def training_loss(
+        self,
+        x: torch.Tensor | np.ndarray,
+        coefficient: float | None = None,
+        *,
+        sparse: bool = False,
+        scaled: bool = False,
+    ) -> TrainingLoss:
+        """The loss a training step back-propagates, on rows x (batch, d), without the outputs it does not
+        need (no x_hat under the AIP norm, no dense codes on the sparse path).
+
+        sparse: after the encoder's GEMM touch only the active entries (`atoms.kernels.sparse_step`): the same
+            loss and gradients as the dense path to rounding, at a fraction of its cost when L0 is small.
+        scaled: x is already in model coordinates u = s L^{-1} x (`scale_rows`), in the parameters' dtype
+            and on the model's device, as the trainer passes a tensor of activations it whitened once.
+        """
+        if scaled:
+            u, raw = x, None
+        else:
+            raw, _ = self._raw_rows(x, "activations")
+            u = self._scaled(raw)
+        if sparse:
+            u_hat, penalty, l0, fired = self._sparse_pass(u)
+        else:
+            codes, per_sample, l0 = self._encode(u)
+            u_hat = codes @ self.W_dec + self.b_dec
+            penalty = per_sample.mean()
+            with torch.no_grad():
+                fired = (codes != 0).any(dim=0)
+        recon = self._recon_loss(u, u_hat, raw)
+        coef = self.sparsity_coefficient if coefficient is None else coefficient
+        sparsity = coef * penalty
+        return TrainingLoss(recon + sparsity, recon, sparsity, l0.detach().float().mean(), fired, u.shape[0])
+
+    @abstractmethod
+    def _sparse_pass(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """u (batch, d) -> u_hat (batch, d), mean sparsity penalty (), l0 (batch,), fired (n_atoms,) bool, on
+        the sparse path."""
+
+    @torch.no_grad()
+    def scale_rows(self, x: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """Model coordinates u = s L^{-1} x (n, d) of raw rows x (n, d), in the parameters' dtype on the
+        model's device: what `training_loss(..., scaled=True)` takes. Whitened in blocks, each exactly as a
+        training step would whiten it."""
+        raw = as_float_tensor(x, "activations", ndim_min=2, d=self.d).reshape(-1, self.d)
+        out = torch.empty(raw.shape, dtype=self.dtype, device=self.W_dec.device)
+        for s in range(0, raw.shape[0], SCALE_BLOCK_ROWS):
+            rows = raw[s : s + SCALE_BLOCK_ROWS].to(device=self.W_dec.device, dtype=self._compute_dtype)
+            out[s : s + SCALE_BLOCK_ROWS] = self._scaled(rows)
+        return out
 
     # --- training hooks -------------------------------------------------------------------------------------
 
@@ -273,7 +357,8 @@ class SparseAutoencoder(nn.Module, ABC):
         g = self.W_dec.grad
         if g is not None:
             w = self.W_dec
-            g -= (g * w).sum(dim=1, keepdim=True) * w / w.pow(2).sum(dim=1, keepdim=True)
+            along = torch.linalg.vecdot(g, w) / torch.linalg.vecdot(w, w)
+            g.addcmul_(w, along[:, None], value=-1)
 
     @torch.no_grad()
     def constrain_(self) -> None:
@@ -429,8 +514,16 @@ class TSAE(SparseAutoencoder):
             b_dec=self.b_dec,
             bandwidth=self.bandwidth,
             return_l0=True,
+            # theta is floored at MIN_THRESHOLD just above; the value check would read it back every step.
+            validate=False,
         )
         return codes, l0, l0
+
+    def _sparse_pass(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        out = sparse_autoencode(
+            u, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self._theta(), self.bandwidth
+        )
+        return out.u_hat, out.l0.mean(), out.l0, out.codes.fired()
 
     @torch.no_grad()
     def constrain_(self) -> None:
@@ -526,6 +619,11 @@ class ReLUSAE(SparseAutoencoder):
         codes = torch.relu(torch.addmm(self.b_enc, u - self.b_dec, self.W_enc))
         penalty = codes @ self.W_dec.norm(dim=1)
         return codes, penalty, (codes > 0).sum(-1)
+
+    def _sparse_pass(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        out = sparse_autoencode(u, self.W_enc, self.b_enc, self.W_dec, self.b_dec)
+        penalty = self.W_dec.norm(dim=1) @ out.column_sums / u.shape[0]
+        return out.u_hat, penalty, out.l0, out.codes.fired()
 
     def config(self) -> dict[str, Any]:
         return {**super().config(), "l1_coefficient": self.sparsity_coefficient}
