@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import enum
 import json
 from pathlib import Path
 
 import typer
+
+from atoms.theorems import CLAIMS, FALSE_VARIANTS
+
+# The names `atoms verify --claim` accepts: its --help lists them and an unknown one is refused with them.
+ClaimName = enum.StrEnum("ClaimName", [(c.name, c.name) for c in (*CLAIMS, *FALSE_VARIANTS)])
+_CLAIM_NAMES = ", ".join(ClaimName)
 
 app = typer.Typer(
     name="atoms",
@@ -16,6 +23,9 @@ app = typer.Typer(
     ),
     no_args_is_help=True,
     add_completion=False,
+    # Click's plain help: rich's option panels print a "<bool>" type after every flag (--help included),
+    # though a flag takes no value, and are boxed at 80 columns when the output is a log, not a terminal.
+    rich_markup_mode=None,
 )
 
 
@@ -73,8 +83,11 @@ def run(
 
 @app.command()
 def verify(
-    claim: list[str] = typer.Option(
-        None, "--claim", help="Check only these claims (repeatable); default: all."
+    claim: list[ClaimName] = typer.Option(
+        None,
+        "--claim",
+        metavar="NAME",
+        help=f"Check only this claim (repeatable; default: all): one of {_CLAIM_NAMES}.",
     ),
     budget: str = typer.Option("default", help="Search budget: 'default' (about a minute) or 'full'."),
     false_variants: bool = typer.Option(
@@ -98,7 +111,7 @@ def verify(
     console = Console() if Console().is_terminal else Console(width=150)
     with console.status("searching for counterexamples ..."):
         reports, table, code = verify_table(
-            claim or None,
+            [c.value for c in claim] if claim else None,
             budget,
             false_variants,
             lambda r: console.log(f"{r.name}: {r.status} ({r.tried} instances, {r.seconds:.1f} s)"),

@@ -554,41 +554,62 @@ def choose_threads(requested: int | None) -> int:
 
 
 class _Progress:
-    """rich progress bars on stderr, or nothing when progress is off."""
+    """Progress on stderr: rich bars on a terminal, plain timestamped lines in a log, or nothing when off.
 
-    def __init__(self, enabled: bool) -> None:
+    A log (stderr redirected to a file or a pipe) gets a line when a stage starts, one every
+    `interval` seconds while it runs (its description, count and elapsed time), and one when it ends;
+    rich bars there would be redrawn frames cut at 80 columns. Stages run one after another, so a stage
+    that stops short of its total (a capture whose text runs out) is ended by the next one or by exit.
+    """
+
+    def __init__(self, enabled: bool, stream: Any = None, interval: float = 30.0) -> None:
+        """stream: a text stream (default sys.stderr, looked up now so that a redirection is seen)."""
         self.enabled = enabled
+        self._stream = sys.stderr if stream is None else stream
+        self._interval = interval
         self._bars = None
+        self._plain = False
+        self._open: Callable[[], None] | None = None
 
     def __enter__(self) -> _Progress:
-        if self.enabled:
-            from rich.console import Console
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                SpinnerColumn,
-                TextColumn,
-                TimeElapsedColumn,
-            )
+        if not self.enabled:
+            return self
+        from rich.console import Console
 
-            self._bars = Progress(
-                SpinnerColumn(),
-                TextColumn("{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeElapsedColumn(),
-                console=Console(stderr=True),
-            )
-            self._bars.__enter__()
+        console = Console(file=self._stream)
+        if not console.is_terminal:
+            self._plain = True
+            return self
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            SpinnerColumn,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+
+        self._bars = Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+        )
+        self._bars.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if self._open is not None:
+            self._open()
         if self._bars is not None:
             self._bars.__exit__(*exc)
 
     def task(self, description: str, total: int | None) -> Callable[..., None]:
-        """A new bar; returns update(completed=None, advance=0, description=None)."""
+        """A new stage; returns update(completed=None, advance=0, description=None, total=None)."""
+        if self._plain:
+            return self._line_task(description, total)
         if self._bars is None:
             return lambda **_: None
         task_id = self._bars.add_task(description, total=total)
@@ -599,8 +620,51 @@ class _Progress:
 
         return update
 
+    def _line_task(self, description: str, total: int | None) -> Callable[..., None]:
+        if self._open is not None:
+            self._open()
+        start = last = time.perf_counter()
+        state: dict[str, Any] = {"completed": 0, "total": total, "description": description}
+
+        def count() -> str:
+            done = f"{state['completed']:,}"
+            return done if state["total"] is None else f"{done}/{state['total']:,}"
+
+        def end() -> None:
+            self._open = None
+            self._print(f"done     {state['description']}: {count()}, {time.perf_counter() - start:.1f} s")
+
+        def update(
+            completed: int | None = None,
+            advance: int = 0,
+            description: str | None = None,
+            total: int | None = None,
+        ) -> None:
+            nonlocal last
+            if self._open is not end:
+                return  # already ended
+            state["total"] = state["total"] if total is None else total
+            state["description"] = state["description"] if description is None else description
+            state["completed"] = (state["completed"] if completed is None else completed) + advance
+            now = time.perf_counter()
+            if state["total"] is not None and state["completed"] >= state["total"]:
+                end()
+            elif now - last >= self._interval:
+                last = now
+                self._print(f"progress {state['description']}: {count()}, {now - start:.1f} s")
+
+        self._open = end
+        self._print(f"start    {description}" + ("" if total is None else f": {total:,} to do"))
+        return update
+
+    def _print(self, text: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {text}", file=self._stream, flush=True)
+
     def log(self, text: str) -> None:
-        if self._bars is not None:
+        """A message between the progress lines (or above the bars)."""
+        if self._plain:
+            self._print(text)
+        elif self._bars is not None:
             self._bars.console.print(text)
 
 

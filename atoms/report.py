@@ -30,17 +30,19 @@ __all__ = [
     "figures",
     "phase_sentences",
     "shift_sentences",
+    "summary_lines",
     "summary_table",
     "sweep_sentences",
     "to_html",
     "to_markdown",
+    "training_sentences",
     "write_report",
 ]
 
 KINDS = ("neurons", "features", "atoms")
 _COLORS = {"neurons": "#7f7f7f", "features": "#1f77b4", "atoms": "#d62728"}
-# Lowest value drawn in the R^2 / q* bar charts.
-FLOOR = -0.25
+# Lowest value drawn in the bar charts of the dictionaries (in %); bars below it are hatched and labelled.
+FLOOR = -25.0
 _CONDITIONS = (("in_sample", "in-sample"), ("heldout", "held-out"), ("gaussian_null", "Gaussian null"))
 
 
@@ -498,6 +500,74 @@ def differences(results: dict[str, Any]) -> list[str]:
     return out
 
 
+# A jump of the sampled training curve counts as aliasing when it is this many times the typical move between
+# neighbouring points that lie on steps of the same parity.
+_ALIAS_RATIO = 3.0
+
+
+def _parity_jumps(
+    steps: Sequence[int], values: Sequence[float], after: int
+) -> tuple[list[int], float] | None:
+    """Where a sampled curve passes between odd and even steps and jumps there, or None.
+
+    A curve sampled every ~4.05 steps reads steps of one parity for a stretch, then of the other. If training
+    alternates between two levels on odd and even steps, each passage shows a jump that is no event of
+    training. Returns (the steps after each passage, the odd-minus-even level ratio) when every passage past
+    step `after` moves log(value) the same way between the parities by more than _ALIAS_RATIO times the
+    median move between same-parity neighbours.
+    """
+    same, passages = [], []
+    for i in range(1, len(steps)):
+        (s0, v0), (s1, v1) = (steps[i - 1], values[i - 1]), (steps[i], values[i])
+        if s0 <= after or v0 <= 0 or v1 <= 0:
+            continue
+        move = math.log(v1) - math.log(v0)
+        if (s1 - s0) % 2 == 0:
+            same.append(abs(move))
+        else:
+            passages.append((s1, move if s1 % 2 == 0 else -move))  # log(even) - log(odd)
+    if not same or not passages:
+        return None
+    typical = sorted(same)[len(same) // 2]
+    signs = {gap > 0 for _, gap in passages}
+    if len(signs) != 1 or min(abs(gap) for _, gap in passages) <= _ALIAS_RATIO * typical:
+        return None
+    mean_gap = sum(gap for _, gap in passages) / len(passages)
+    return [s1 for s1, _ in passages], math.exp(-mean_gap)
+
+
+def training_sentences(results: dict[str, Any]) -> list[str]:
+    """Sentences on jumps of the training curves that are sampling artefacts, only where the curves show them.
+
+    Checks every layer's feature and atom curves (l0 and reconstruction loss) past the end of the warm-ups
+    (`_parity_jumps`).
+    """
+    cfg = results["meta"]["config"]
+    after = max(cfg.get("lr_warmup_steps", 0), cfg.get("sparsity_warmup_steps", 0))
+    found = []
+    for key, lay in results["layers"].items():
+        for kind in ("features", "atoms"):
+            curve = lay["dictionaries"][kind]["training"]["curve"]
+            for metric, name in (("l0", "l0"), ("recon_loss", "reconstruction loss")):
+                hit = _parity_jumps(curve["step"], curve[metric], after)
+                if hit is not None:
+                    found.append((key, kind, name, hit))
+    if not found:
+        return []
+    steps = sorted({step for *_, (at, _) in found for step in at})
+    where = "; ".join(
+        f"layer {key} {kind} {name}: odd steps at {ratio:.2f} times the even ones"
+        for key, kind, name, (_, ratio) in found
+    )
+    return [
+        "The jumps in the training curves past the warm-ups (learning rate to step "
+        f"{cfg.get('lr_warmup_steps')}, sparsity to step {cfg.get('sparsity_warmup_steps')}) are where the "
+        "plotted points, a fixed number per run, pass from odd to even training steps or back: training "
+        "alternates between two levels from one step to the next, and the sampling turns that into "
+        f"level shifts at step(s) {', '.join(map(str, steps))} ({where}). They are no event of training."
+    ]
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Figures
 # ------------------------------------------------------------------------------------------------------------
@@ -545,46 +615,80 @@ def _shift_figure(results: dict[str, Any]) -> bytes:
     return _png(fig)
 
 
-def _dictionary_figure(results: dict[str, Any]) -> bytes:
+def _bar(value: float) -> tuple[float, str]:
+    """Drawn height and label of a bar whose value is `value` percent: below FLOOR the bar stops there and
+    the label carries the true value (an R^2 of -402 is -40200%), so no bar leaves the axis unexplained."""
+    if value < FLOOR:
+        return FLOOR, f"{value:.0f}%"
+    return value, f"{value:.0f}"
+
+
+# Panels of the dictionaries figure: (metric path, title, paper key or None). q* is 0 for every dictionary
+# at this scale (see the differences above), so its panels would be empty; the proven fractions show what
+# is certified instead.
+_DICTIONARY_PANELS = (
+    (("r2_euclidean",), "R^2 (Euclidean)", "r2"),
+    (("r2_aip",), "R^2 (AIP)", "r2"),
+    (("certified", "bp_fraction"), "basis pursuit exact (proven)", None),
+    (("certified", "erc_fraction"), "ERC < 1 (proven)", None),
+)
+
+
+def _dictionary_axes(results: dict[str, Any]) -> Any:
+    """The dictionaries figure as a matplotlib Figure, every value in percent."""
     import matplotlib.pyplot as plt
 
-    metrics = (
-        ("r2_euclidean", "R^2 (Euclidean)", "r2"),
-        ("r2_aip", "R^2 (AIP)", "r2"),
-        ("q_star_quantile", "q* (quantile)", "q_star"),
-        ("q_star_per_sample", "q* (per-sample)", "q_star"),
-    )
     keys = list(results["layers"])
-    fig, axes = plt.subplots(1, 4, figsize=(14, 3.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(_DICTIONARY_PANELS), figsize=(14, 3.2), squeeze=False)
     width = 0.8 / len(KINDS)
-    for ax, (metric, title, paper_key) in zip(axes[0], metrics, strict=True):
+    for ax, (path, title, paper_key) in zip(axes[0], _DICTIONARY_PANELS, strict=True):
         for k, kind in enumerate(KINDS):
-            values = [results["layers"][key]["dictionaries"][kind][metric] for key in keys]
-            xs = [i + (k - 1) * width for i in range(len(keys))]
-            ax.bar(xs, values, width, color=_COLORS[kind], label=kind)
-            ax.axhline(results["paper"][kind][paper_key], color=_COLORS[kind], ls="--", lw=1)
+            for i, key in enumerate(keys):
+                value = results["layers"][key]["dictionaries"][kind]
+                for part in path:
+                    value = value[part]
+                height, label = _bar(100 * value)
+                x = i + (k - 1) * width
+                clipped = height != 100 * value
+                ax.bar(
+                    x,
+                    height,
+                    width,
+                    color=_COLORS[kind],
+                    label=kind if i == 0 else None,
+                    hatch="//" if clipped else None,
+                    edgecolor="white" if clipped else None,
+                )
+                ax.annotate(
+                    label,
+                    (x, max(height, 0)),
+                    xytext=(0, 2),
+                    textcoords="offset points",
+                    ha="center",
+                    va="bottom",
+                    rotation=90 if clipped else 0,
+                    fontsize=7,
+                )
+            if paper_key is not None:
+                ax.axhline(100 * results["paper"][kind][paper_key], color=_COLORS[kind], ls="--", lw=1)
         ax.set_xticks(range(len(keys)), [f"layer {k}" for k in keys])
-        # A very negative R^2 (a Euclidean SAE measured in the AIP norm) would squash the other bars: the
-        # axis stops at FLOOR and every bar carries its value (the tables hold every number).
-        ax.set_ylim(FLOOR if paper_key == "r2" else -0.02, 1.12)
-        for bar in ax.patches:
-            height = bar.get_height()
-            ax.annotate(
-                f"{100 * height:.0f}",
-                (bar.get_x() + bar.get_width() / 2, max(height, FLOOR) if height > 0 else 0),
-                xytext=(0, 2),
-                textcoords="offset points",
-                ha="center",
-                fontsize=7,
-            )
+        ax.set_ylim(FLOOR, 112)
+        ax.axhline(0, color="black", lw=0.6)
+        ax.set_ylabel("% of held-out variance" if paper_key == "r2" else "% of samples", fontsize=9)
         ax.set_title(title, fontsize=10)
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=9, bbox_to_anchor=(0.5, -0.06))
     fig.suptitle(
-        "Neurons, features and atoms on held-out tokens, in % (dashed: the paper's values)", fontsize=11
+        "Neurons, features and atoms on held-out tokens, in % (dashed: the paper's values; hatched bars "
+        f"end at {FLOOR:.0f}% and are labelled with their value)",
+        fontsize=11,
     )
     fig.tight_layout()
-    return _png(fig)
+    return fig
+
+
+def _dictionary_figure(results: dict[str, Any]) -> bytes:
+    return _png(_dictionary_axes(results))
 
 
 def _qstar_figure(results: dict[str, Any]) -> bytes:
@@ -878,7 +982,14 @@ def blocks(results: dict[str, Any]) -> list[Block]:
             "held-out token.",
         ),
         Block("table", _dictionary_table(results)),
-        Block("figure", ("dictionaries", "R^2 and q* per layer; dashed lines are the paper's values.")),
+        Block(
+            "figure",
+            (
+                "dictionaries",
+                "R^2 and the proven fractions (exact basis pursuit, ERC < 1) per layer; dashed lines are "
+                "the paper's R^2.",
+            ),
+        ),
         Block("figure", ("q_star", "Per-sample coherence against support size for a random subsample.")),
         Block("h2", "The theorems on the trained dictionaries"),
         Block(
@@ -908,6 +1019,9 @@ def blocks(results: dict[str, Any]) -> list[Block]:
             ),
         ),
     ]
+    aliasing = training_sentences(results)
+    if aliasing:
+        out.append(Block("list", aliasing))
     if results.get("sweep"):
         sweep = results["sweep"]
         out += [
@@ -975,6 +1089,12 @@ def _md_context(text: str) -> str:
     return text.replace("\r", "").replace("\n", "\u21b5")
 
 
+def _cards_summary(cards: Sequence[dict[str, Any]]) -> str:
+    """The line a collapsed block of cards shows: how many of which kind."""
+    kind = cards[0]["kind"] if cards else "latent"
+    return f"{len(cards)} {kind} card{'' if len(cards) == 1 else 's'} (click to open)"
+
+
 def _card_title(card: dict[str, Any]) -> str:
     return f"{card['kind']} {card['latent']}, positive on {pct(card['fires'])} of held-out tokens"
 
@@ -1002,6 +1122,8 @@ def to_markdown(doc: Sequence[Block]) -> str:
             name, caption = data
             lines += [f"![{caption}](figures/{name}.png)", "", f"*{caption}*", ""]
         elif kind == "cards":
+            # Collapsed (GitHub renders <details>): open, the cards filled most of the page.
+            lines += [f"<details><summary>{_cards_summary(data)}</summary>", ""]
             for card in data:
                 lines += [f"**{_card_title(card)}**", "", "| value | context | source |", "|---|---|---|"]
                 for e in card["examples"]:
@@ -1010,6 +1132,7 @@ def to_markdown(doc: Sequence[Block]) -> str:
                     )
                     lines.append(f"| {e['value']:.3g} | {context} | {_md_cell(e['source'])} |")
                 lines.append("")
+            lines += ["</details>", ""]
         else:
             raise BadInputError(f"unknown report block kind {kind!r}")
     return "\n".join(lines).rstrip() + "\n"
@@ -1032,6 +1155,7 @@ code, pre { background: #f5f5f5; } pre { padding: 0.6em; overflow-x: auto; }
         border: 1px solid #ccc; border-radius: 4px; padding: 6px; font-size: 0.82em; }
 .card table { width: 100%; font-size: 0.95em; } .card td { text-align: left; }
 .card td.value { text-align: right; width: 3.5em; } mark { background: #ffe066; }
+summary { cursor: pointer; margin: 0.4em 0; }
 .ctx { font-family: ui-monospace, monospace; white-space: pre-wrap; word-break: break-word; }
 """
 
@@ -1076,6 +1200,7 @@ def to_html(doc: Sequence[Block], images: dict[str, bytes], title: str = "atoms 
                 f"<figcaption>{html.escape(caption)}</figcaption></figure>"
             )
         elif kind == "cards":
+            body.append(f"<details><summary>{html.escape(_cards_summary(data))}</summary>")
             for card in data:
                 rows = "".join(
                     f'<tr><td class="value">{e["value"]:.3g}</td><td class="ctx">{_ctx(e["before"])}'
@@ -1086,6 +1211,7 @@ def to_html(doc: Sequence[Block], images: dict[str, bytes], title: str = "atoms 
                 body.append(
                     f'<div class="card"><b>{html.escape(_card_title(card))}</b><table>{rows}</table></div>'
                 )
+            body.append("</details>")
         else:
             raise BadInputError(f"unknown report block kind {kind!r}")
     return (
@@ -1101,17 +1227,45 @@ def to_html(doc: Sequence[Block], images: dict[str, bytes], title: str = "atoms 
 # ------------------------------------------------------------------------------------------------------------
 
 
-def summary_table(results: dict[str, Any]) -> Any:
-    """The comparison with the paper as a rich Table, for the console."""
-    from rich.table import Table
+def summary_lines(results: dict[str, Any]) -> list[str]:
+    """The comparison with the paper as plain lines of at most 80 characters, for logs."""
+    out = ["Ours beside the paper (means over layers, held-out tokens):"]
+    for kind, paper_r2, r2_e, r2_a, paper_q, q_quant, q_sample in comparison_rows(results)[1]:
+        out += [
+            f"  {kind}",
+            f"    R^2: paper {paper_r2}, ours {r2_e} (Euclidean), {r2_a} (AIP)",
+            f"    q*:  paper {paper_q}, ours {q_quant} (quantile), {q_sample} (per-sample)",
+        ]
+    return out
 
-    headers, rows = comparison_rows(results)
-    table = Table(title="Ours beside the paper (means over layers, held-out tokens)")
-    for h in headers:
-        table.add_column(h, justify="left" if h == "dictionary" else "right")
-    for row in rows:
-        table.add_row(*row)
-    return table
+
+class _Summary:
+    """A rich renderable: the comparison as a table on a terminal and as `summary_lines` elsewhere, where
+    a console is 80 columns wide and the seven-column table would be cut or folded."""
+
+    def __init__(self, results: dict[str, Any]) -> None:
+        self.results = results
+
+    def __rich_console__(self, console: Any, options: Any) -> Any:
+        from rich.table import Table
+        from rich.text import Text
+
+        if not console.is_terminal:
+            yield from (Text(line) for line in summary_lines(self.results))
+            return
+        headers, rows = comparison_rows(self.results)
+        table = Table(title="Ours beside the paper (means over layers, held-out tokens)")
+        for h in headers:
+            table.add_column(h, justify="left" if h == "dictionary" else "right")
+        for row in rows:
+            table.add_row(*row)
+        yield table
+
+
+def summary_table(results: dict[str, Any]) -> Any:
+    """The comparison with the paper for `rich.console.Console.print`: a table on a terminal, plain lines in
+    a log (`summary_lines`)."""
+    return _Summary(results)
 
 
 def _write(path: Path, data: bytes | str) -> None:

@@ -1,6 +1,7 @@
 """The `atoms` command line: help texts and the synthetic geometry summary."""
 
 import json
+import re
 
 from typer.testing import CliRunner
 
@@ -62,3 +63,63 @@ def test_run_reports_bad_flags_without_a_traceback():
     result = runner.invoke(app, ["run", "--layers", "3,3", "--output", "unused"])
     assert result.exit_code == 2
     assert "atoms run:" in result.output and "Traceback" not in result.output
+
+
+def test_help_shows_no_value_type_after_flags():
+    for args in (["--help"], ["run", "--help"], ["verify", "--help"]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, result.output
+        assert "<bool>" not in result.output, args
+
+
+def test_verify_lists_the_claim_names_in_help_and_on_a_bad_name():
+    from atoms.theorems import CLAIMS, FALSE_VARIANTS
+
+    names = [c.name for c in (*CLAIMS, *FALSE_VARIANTS)]
+    shown = " ".join(runner.invoke(app, ["verify", "--help"]).output.split())
+    assert all(name in shown for name in names)
+    result = runner.invoke(app, ["verify", "--claim", "no_such_claim"])
+    assert result.exit_code == 2
+    assert "no_such_claim" in result.output and all(f"'{name}'" in result.output for name in names)
+
+
+def test_progress_in_a_log_is_plain_lines():
+    import io
+
+    from atoms.experiment import _Progress
+
+    log = io.StringIO()
+    with _Progress(True, stream=log, interval=0.0) as bars:
+        update = bars.task("layer 3: train atoms (2304)", 240)
+        update(completed=120, description="layer 3: train atoms (2304)  recon 0.300  l0 150")
+        update(completed=240)
+        short = bars.task("capture fit tokens", 1000)
+        short(completed=900)
+        bars.log("layer 9: loaded")
+    lines = log.getvalue().splitlines()
+    assert "\x1b" not in log.getvalue() and "\r" not in log.getvalue()
+    assert all(re.match(r"\[\d\d:\d\d:\d\d\] ", line) for line in lines)
+    body = [line[11:] for line in lines]
+    assert body[0] == "start    layer 3: train atoms (2304): 240 to do"
+    assert re.fullmatch(
+        r"progress layer 3: train atoms \(2304\)  recon 0\.300  l0 150: 120/240, [\d.]+ s", body[1]
+    )
+    assert re.fullmatch(r"done     layer 3: train atoms .*: 240/240, [\d.]+ s", body[2])
+    # A stage that stops short of its total is ended by the next message's stage or by the exit.
+    assert body[3] == "start    capture fit tokens: 1,000 to do"
+    assert body[4].startswith("progress capture fit tokens: 900/1,000")
+    assert body[5] == "layer 9: loaded"
+    assert body[6].startswith("done     capture fit tokens: 900/1,000")
+    assert len(body) == 7
+
+
+def test_progress_off_writes_nothing():
+    import io
+
+    from atoms.experiment import _Progress
+
+    log = io.StringIO()
+    with _Progress(False, stream=log, interval=0.0) as bars:
+        bars.task("stage", 2)(completed=2)
+        bars.log("message")
+    assert log.getvalue() == ""

@@ -21,13 +21,20 @@ from test_experiment import build_tiny, tiny_config
 from atoms.errors import BadInputError
 from atoms.experiment import run_experiment
 from atoms.report import (
+    FLOOR,
+    KINDS,
     _bp_unproven,
+    _dictionary_axes,
+    _dictionary_figure,
     blocks,
     differences,
     num,
     pct,
     phase_sentences,
+    summary_lines,
+    summary_table,
     to_markdown,
+    training_sentences,
     write_report,
 )
 
@@ -383,3 +390,84 @@ def test_phase_plane_sentences_count_the_cells_against_the_curve(report):
         assert f"of {below} cells more than 0.1 below the curve, {below_bad} recover fewer" in sentence
         assert f"of {above} cells more than 0.1 above it, {above_bad} recover more" in sentence
         assert sentence in md
+
+
+# ---------------------------------------------------------------------------------------------- issue fixes
+
+
+def test_summary_is_a_table_on_a_terminal_and_short_lines_in_a_log(report):
+    import io
+
+    from rich.console import Console
+
+    results, _ = report
+    log = io.StringIO()
+    Console(file=log, width=80).print(summary_table(results))
+    assert log.getvalue().splitlines() == summary_lines(results)
+    assert all(len(line) <= 80 for line in summary_lines(results))
+    for kind in ("atoms", "neurons", "features"):
+        ours = results["summary"][kind]
+        assert f"  {kind}" in summary_lines(results)
+        assert f"ours {pct(ours['r2_euclidean'])} (Euclidean), {pct(ours['r2_aip'])} (AIP)" in log.getvalue()
+    terminal = io.StringIO()
+    Console(file=terminal, width=160, force_terminal=True).print(summary_table(results))
+    assert "┃" in terminal.getvalue() and "our q* (per-sample)" in terminal.getvalue()
+
+
+def test_dictionary_figure_labels_a_bar_below_the_axis_with_its_value(report):
+    results, _ = report
+    low = copy.deepcopy(results)
+    key = next(iter(low["layers"]))
+    low["layers"][key]["dictionaries"]["features"]["r2_aip"] = -402.0
+    fig = _dictionary_axes(low)
+    r2_aip = fig.axes[1]
+    assert r2_aip.get_title() == "R^2 (AIP)" and "%" in r2_aip.get_ylabel()
+    assert r2_aip.get_ylim()[0] == FLOOR
+    assert min(bar.get_height() for bar in r2_aip.patches) == FLOOR
+    assert "-40200%" in [t.get_text() for t in r2_aip.texts]
+    # Values are drawn in percent, as the title says: no bar of a fraction-sized height.
+    r2_euclid = fig.axes[0]
+    heights = [bar.get_height() for bar in r2_euclid.patches]
+    expected = [
+        100 * low["layers"][k]["dictionaries"][kind]["r2_euclidean"] for kind in KINDS for k in low["layers"]
+    ]
+    assert heights == pytest.approx([max(h, FLOOR) for h in expected])
+    assert "in %" in fig._suptitle.get_text()
+    assert [ax.get_title() for ax in fig.axes[2:]] == ["basis pursuit exact (proven)", "ERC < 1 (proven)"]
+    assert _dictionary_figure(low).startswith(b"\x89PNG")
+
+
+def test_cards_are_collapsed_in_both_renderings(report):
+    results, paths = report
+    md, page = paths["markdown"].read_text(), paths["html"].read_text()
+    blocks_of_cards = [
+        cards for lay in results["layers"].values() for cards in lay["cards"].values() if cards
+    ]
+    assert md.count("<details><summary>") == md.count("</details>") == len(blocks_of_cards)
+    assert page.count("<details><summary>") == page.count("</details>") == len(blocks_of_cards)
+    first = blocks_of_cards[0]
+    assert f"<details><summary>{len(first)} {first[0]['kind']} card" in md
+
+
+def _with_curve(results, values, steps):
+    out = copy.deepcopy(results)
+    out["meta"]["config"].update(lr_warmup_steps=20, sparsity_warmup_steps=60)
+    for lay in out["layers"].values():
+        for kind in ("features", "atoms"):
+            out_curve = lay["dictionaries"][kind]["training"]["curve"]
+            out_curve.update(step=steps, recon_loss=[0.3] * len(steps), l0=values)
+    return out
+
+
+def test_training_sentence_only_when_the_curve_alternates_between_odd_and_even_steps(report):
+    results, _ = report
+    # The experiment keeps 60 points of 240 steps: linspace(0, 239, 60) rounded, plus one.
+    steps = sorted({round(239 * i / 59) + 1 for i in range(60)})
+    smooth = [200 - 0.3 * s for s in steps]
+    alternating = [v + (40 if s % 2 else 0) for v, s in zip(smooth, steps, strict=True)]
+    assert training_sentences(_with_curve(results, smooth, steps)) == []
+    sentences = training_sentences(_with_curve(results, alternating, steps))
+    assert len(sentences) == 1 and "at step(s) 123, 204" in sentences[0]
+    assert "l0: odd steps at" in sentences[0] and "reconstruction loss" not in sentences[0]
+    md = to_markdown(blocks(_with_curve(results, alternating, steps)))
+    assert sentences[0] in md
