@@ -30,11 +30,13 @@ from atoms.errors import AtomsError, BadInputError
 from atoms.text import Article
 
 __all__ = [
+    "BATCH_TOKENS",
     "SHARD_TOKENS",
     "Capture",
     "Tokens",
     "capture",
     "decoder_layers",
+    "default_batch_size",
     "iter_shards",
     "load_capture",
     "load_shards",
@@ -45,6 +47,13 @@ __all__ = [
 # enough that the per-shard fsync and moment checkpoint cost nothing next to the forward passes.
 SHARD_TOKENS = 8192
 MANIFEST = "manifest.json"
+# Tokens per forward pass when capture's batch_size is None, by device type (other accelerators take CUDA's).
+# CPU: on one thread 2048 ran the tiny test Llama as fast as 8192 and a SmolLM2-shaped one 1.5x faster (1231
+# against 835 tokens/s): larger batches fall out of the cache. CUDA: 32768 tokens make SmolLM2's GEMMs
+# (32768 x 576 x 1536) big enough for the tensor cores and leave the ~450 kernel launches of 30 blocks (about
+# 2 ms of host time) far below the ~15 ms the forward takes in bfloat16 on an H200; its intermediates take
+# about 1 GB.
+BATCH_TOKENS = {"cpu": 2048, "cuda": 32768}
 _FORMAT = 1
 
 
@@ -124,16 +133,33 @@ class _Chunk(NamedTuple):
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
-    """The decoder blocks of a transformers causal LM: the first ModuleList with one module per layer."""
+    """The decoder blocks of a transformers causal LM, in forward order (block i gives layer i).
+
+    Found without a per-family table, so Llama, Gemma, Gemma2/3, GPT-2, Qwen2, Mistral and the like work
+    alike: the blocks are the `torch.nn.ModuleList` of `config.num_hidden_layers` modules (GPT-2's `n_layer`
+    is mapped to that name by its config). Where several ModuleLists have that length (per-layer norms or
+    projections beside the blocks), the one holding the most parameters is the blocks: they carry nearly
+    all the non-embedding weights.
+    """
     config = _text_config(model)
     n = getattr(config, "num_hidden_layers", None)
-    for module in model.modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) == n:
-            return module
-    raise BadInputError(
-        f"Cannot find the decoder blocks of {type(model).__name__} (no ModuleList of num_hidden_layers = {n} "
-        "modules); capture works with transformers causal LMs such as Llama, GPT-2 and SmolLM2."
-    )
+    if not isinstance(n, int) or n < 1:
+        raise BadInputError(
+            f"{type(model).__name__}'s config has no num_hidden_layers, so its decoder blocks cannot be "
+            "found; pass a transformers decoder-only causal LM (Llama, Gemma, GPT-2, ...), whose config "
+            "sets it."
+        )
+    found = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == n]
+    if not found:
+        lengths = sorted({len(m) for m in model.modules() if isinstance(m, torch.nn.ModuleList)})
+        raise BadInputError(
+            f"Cannot find the decoder blocks of {type(model).__name__}: capture hooks the "
+            f"torch.nn.ModuleList of config.num_hidden_layers = {n} blocks, and this model has none (its "
+            f"ModuleLists have lengths {lengths}). Use a transformers decoder-only causal LM such as Llama, "
+            "Gemma, GPT-2 or SmolLM2, or hold your blocks in one ModuleList and set "
+            "config.num_hidden_layers to its length."
+        )
+    return max(found, key=lambda m: sum(p.numel() for p in m.parameters()))
 
 
 def _text_config(model: torch.nn.Module) -> Any:
@@ -143,6 +169,13 @@ def _text_config(model: torch.nn.Module) -> Any:
             f"{type(model).__name__} has no .config; pass a transformers model, e.g. from load_model()."
         )
     return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def default_batch_size(device: str | torch.device, seq_len: int) -> int:
+    """Chunks per forward pass that `capture` runs when batch_size is None: the device type's BATCH_TOKENS
+    (CUDA's for other accelerators) over seq_len, at least 1."""
+    tokens = BATCH_TOKENS.get(torch.device(device).type, BATCH_TOKENS["cuda"])
+    return max(1, tokens // seq_len)
 
 
 def _check_texts(texts: Sequence[str | Article]) -> list[str]:
@@ -233,10 +266,14 @@ def _chunks(tokenizer: Any, texts: list[str], seq_len: int) -> Iterator[_Chunk]:
             new.append(eos)
         ids.extend(new)
         owners.extend([k] * len(new))
-        while len(ids) >= body:
-            yield _chunk(index, bos, ids[:body], owners[:body])
+        # Chunks are sliced at an offset and the consumed head dropped once per text: deleting it per chunk
+        # made one long text quadratic (a list shift per chunk).
+        start = 0
+        while len(ids) - start >= body:
+            yield _chunk(index, bos, ids[start : start + body], owners[start : start + body])
             index += 1
-            del ids[:body], owners[:body]
+            start += body
+        del ids[:start], owners[:start]
     if ids:
         yield _chunk(index, bos, ids, owners)
 
@@ -248,21 +285,37 @@ def _chunk(index: int, bos: int | None, ids: list[int], owners: list[int]) -> _C
 
 
 class _Recorder:
-    """Forward hooks keeping the selected rows of each hooked block's output; the deepest stops the pass."""
+    """Forward hooks gathering the kept rows of each hooked block's output; the deepest stops the pass.
+
+    Rows are gathered on the model's device by an index whose length the host already knows, cast to float32
+    there: a boolean-mask select would make every hook wait for the device to report its row count.
+    """
 
     def __init__(self, deepest: int) -> None:
         self.deepest = deepest
-        self.keep: torch.Tensor | None = None
+        self.take: torch.Tensor | None = None
         self.rows: dict[int, torch.Tensor] = {}
 
     def hook(self, layer: int) -> Callable[..., None]:
         def record(_module: torch.nn.Module, _args: Any, output: Any) -> None:
             hidden = output[0] if isinstance(output, tuple) else output
-            self.rows[layer] = hidden[self.keep].to("cpu", torch.float32)
+            self.rows[layer] = hidden.reshape(-1, hidden.shape[-1]).index_select(0, self.take).float()
             if layer == self.deepest:
                 raise _StopForward
 
         return record
+
+
+class _InFlight(NamedTuple):
+    """One batch's kept rows on the host; on CUDA their activations may still be copying until `ready`."""
+
+    rows: dict[str, torch.Tensor]
+    ready: torch.cuda.Event | None
+
+    def wait(self) -> dict[str, torch.Tensor]:
+        if self.ready is not None:
+            self.ready.synchronize()
+        return self.rows
 
 
 def _forward(
@@ -273,10 +326,12 @@ def _forward(
     *,
     drop_first: bool,
     done_through: tuple[int, int] | None,
+    room: int,
     pad_id: int,
     device: torch.device,
-) -> dict[str, torch.Tensor]:
-    """Run one right-padded batch up to the deepest layer; return its kept rows in (chunk, position) order."""
+) -> _InFlight:
+    """Queue one right-padded batch up to the deepest layer and the copy of its first `room` kept rows (in
+    (chunk, position) order) to the host; returns without waiting for the device."""
     width = max(len(c.ids) for c in chunks)
     ids = torch.full((len(chunks), width), pad_id, dtype=torch.int64)
     owners = torch.full((len(chunks), width), -1, dtype=torch.int64)
@@ -294,9 +349,18 @@ def _forward(
         # Resuming: rows up to (chunk, position) = done_through are already stored.
         s, p = done_through
         keep &= (sequence > s) | ((sequence == s) & (position > p))
-    recorder.keep, recorder.rows = keep.to(device), {}
+    take = keep.reshape(-1).nonzero().squeeze(1)[:room]
+    recorder.take, recorder.rows = take.to(device), {}
+    # An unpadded batch goes without a mask: transformers would check an all-ones mask on the device (a host
+    # sync per forward) only to drop it, and without one SDPA takes its causal (flash) path.
+    padded = not bool(mask.all())
     try:
-        model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+        with torch.inference_mode():
+            model(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device) if padded else None,
+                use_cache=False,
+            )
     except _StopForward:
         pass
     else:
@@ -304,9 +368,21 @@ def _forward(
             f"the forward pass finished without reaching block {recorder.deepest}: the hooked ModuleList is "
             f"not the one {type(model).__name__} runs; capture supports transformers decoder-only LMs."
         )
-    rows = {f"layer_{i}": recorder.rows[i] for i in layers}
-    rows.update(token_id=ids[keep], sequence=sequence[keep], position=position[keep], text=owners[keep])
-    return rows
+    # One copy per layer and batch into page-locked memory lets the device copy while the host goes on; the
+    # host tensors are made here, outside inference mode, so callers may use them with autograd.
+    pinned = device.type == "cuda"
+    rows = {}
+    for i in layers:
+        rows[f"layer_{i}"] = torch.empty(recorder.rows[i].shape, pin_memory=pinned)
+        rows[f"layer_{i}"].copy_(recorder.rows[i], non_blocking=pinned)
+    recorder.rows = {}
+    for name, value in (("token_id", ids), ("sequence", sequence), ("position", position), ("text", owners)):
+        rows[name] = value.reshape(-1)[take]
+    ready = None
+    if pinned:
+        ready = torch.cuda.Event()
+        ready.record()
+    return _InFlight(rows, ready)
 
 
 def _n_rows(rows: dict[str, torch.Tensor]) -> int:
@@ -329,7 +405,7 @@ def capture(
     *,
     max_tokens: int,
     seq_len: int = 256,
-    batch_size: int = 8,
+    batch_size: int | None = None,
     drop_first: bool = True,
     device: str | torch.device | None = None,
     out_dir: str | os.PathLike[str] | None = None,
@@ -340,10 +416,14 @@ def capture(
     """Capture the residual stream after the given decoder blocks for up to `max_tokens` tokens of `texts`.
 
     The texts are tokenized, joined with EOS and cut into chunks of `seq_len` tokens, each opened by BOS when
-    the tokenizer has one; batches of `batch_size` chunks run through the model, right-padded and masked by
-    attention_mask (padding is never captured). Layer i is the output of block i, i.e. `hidden_states[i + 1]`.
-    A forward hook on each requested block keeps its rows, and the deepest one raises to end the forward
-    there, so no compute is spent on later blocks or the LM head.
+    the tokenizer has one; batches of `batch_size` chunks (`batch_size * seq_len` tokens) run through the
+    model under `torch.inference_mode`, right-padded and masked by attention_mask (padding is never captured).
+    `batch_size=None` takes `default_batch_size(device, seq_len)`: 2048 tokens per forward on the CPU, 32768
+    on CUDA. Layer i is the output of block i, i.e. `hidden_states[i + 1]`. A forward hook on each requested
+    block keeps its rows, and the deepest one raises to end the forward there, so no compute is spent on
+    later blocks or the LM head. The model runs in its own dtype (bfloat16 is fine on a GPU); the rows are
+    stored as float32. On CUDA the device is waited for once per batch, and the host stores batch k's rows
+    while batch k + 1 runs.
 
     Position 0 is dropped by default (`drop_first=True`): SmolLM2's first position is an attention sink whose
     residual norm is ~8e2 in blocks 1-8 and ~2.5e4 in blocks 11-27, against ~1e2-8e2 for every other token, so
@@ -367,9 +447,11 @@ def capture(
     chosen = _check_layers(layers, len(blocks))
     _check_count(max_tokens, "max_tokens", 1)
     _check_count(seq_len, "seq_len", 2)
-    _check_count(batch_size, "batch_size", 1)
     _check_count(shard_tokens, "shard_tokens", 1)
     run_device = _model_device(model, device)
+    if batch_size is None:
+        batch_size = default_batch_size(run_device, seq_len)
+    _check_count(batch_size, "batch_size", 1)
     d = int(_text_config(model).hidden_size)
     identity = {
         "model": _fingerprint_model(model),
@@ -388,7 +470,7 @@ def capture(
         "shard_tokens": shard_tokens,
         "moment": bool(moment),
     }
-    store = _Store(out_dir, identity, chosen, d, getattr(model, "name_or_path", ""))
+    store = _Store(out_dir, identity, chosen, d, getattr(model, "name_or_path", ""), run_device)
     if not store.complete:
         _run(model, tokenizer, texts, blocks, chosen, store, run_device, on_shard)
     return store.result()
@@ -421,26 +503,34 @@ def _run(
         _notify(on_shard, store)
 
     was_training = model.training
+    in_flight: _InFlight | None = None
     try:
         model.eval()  # dropout would perturb the activations; the caller's mode is restored below
-        with torch.no_grad():
-            stream = (c for c in _chunks(tokenizer, texts, ident["seq_len"]) if c.index >= first)
-            for batch in _batched(stream, batch_size):
-                room = max_tokens - store.tokens_done - pending.filled
-                if room <= 0:
-                    break
-                rows = _forward(
-                    model,
-                    batch,
-                    recorder,
-                    layers,
-                    drop_first=ident["drop_first"],
-                    done_through=resume,
-                    pad_id=pad_id,
-                    device=device,
-                )
-                pending.add(_slice(rows, 0, room), commit)
-                del rows  # the next forward's rows replace these: one batch of rows alive at a time
+        stream = (c for c in _chunks(tokenizer, texts, ident["seq_len"]) if c.index >= first)
+        for batch in _batched(stream, batch_size):
+            queued = 0 if in_flight is None else _n_rows(in_flight.rows)
+            room = max_tokens - store.tokens_done - pending.filled - queued
+            if room <= 0:
+                break
+            launched = _forward(
+                model,
+                batch,
+                recorder,
+                layers,
+                drop_first=ident["drop_first"],
+                done_through=resume,
+                room=room,
+                pad_id=pad_id,
+                device=device,
+            )
+            # The previous batch's rows are stored only now, with this batch queued behind them on the
+            # device, so the host's moment updates and shard writes overlap this forward; two batches of
+            # rows are alive at a time.
+            if in_flight is not None:
+                pending.add(in_flight.wait(), commit)
+            in_flight = launched
+        if in_flight is not None:
+            pending.add(in_flight.wait(), commit)
     finally:
         model.train(was_training)
         for handle in handles:
@@ -543,10 +633,12 @@ class _Store:
         layers: tuple[int, ...],
         d: int,
         model_name: str,
+        device: torch.device,
     ) -> None:
         # JSON round trip so a fresh identity compares equal to one read back from a manifest.
         self.identity = json.loads(json.dumps(identity))
         self.layers, self.d, self.model_name = layers, d, str(model_name)
+        self.device = device
         self.out_dir = None if out_dir is None else Path(out_dir)
         self.moments = {i: SecondMoment(d) for i in layers} if identity["moment"] else {}
         self.shards: list[dict[str, Any]] = []
@@ -613,8 +705,11 @@ class _Store:
 
     def commit(self, rows: dict[str, torch.Tensor]) -> None:
         """Add one block of rows to the moments and the store; on disk: shard, moments, then manifest."""
+        # The float64 scatter runs on the model's device: at d = 576 it costs 0.66 MFLOP per row and layer, so
+        # on the host (78 GFLOP/s per core measured) three layers cap capture at ~40k rows/s per core, far
+        # below what a GPU forward delivers; there it takes microseconds per shard.
         for i, m in self.moments.items():
-            m.update(rows[f"layer_{i}"])
+            m.update(rows[f"layer_{i}"].to(self.device))
         n = _n_rows(rows)
         self.tokens_done += n
         self.done_through = (int(rows["sequence"][-1]), int(rows["position"][-1]))
