@@ -46,7 +46,13 @@ def run(
     output: Path = typer.Option(
         Path("atoms-report"), help="Output folder: report.md, report.html, results.json."
     ),
-    device: str = typer.Option("cpu", help="torch device for the model and the SAEs."),
+    device: str = typer.Option(
+        "auto", help="torch device for the model and the SAEs; auto: cuda when present (the GPU preset)."
+    ),
+    steps: int = typer.Option(None, help="Most optimizer steps per SAE (each stops earlier at its plateau)."),
+    budget: float = typer.Option(
+        None, help="Wall-clock budget in minutes; trainings that reach their share stop as not converged."
+    ),
     seed: int = typer.Option(0, help="Seed of the text split, the SAEs and every sample."),
     quick: bool = typer.Option(False, "--quick", help="A smaller preset (about 3 minutes on 2 CPU cores)."),
     sweep: bool = typer.Option(False, "--sweep", help="Add the capacity-vs-data grid (n_atoms x tokens)."),
@@ -74,6 +80,8 @@ def run(
             quick=quick,
             sweep=sweep,
             threads=threads,
+            steps=steps,
+            budget=budget,
         )
     except AtomsError as error:
         # Bad flags or inputs: the message already says what is wrong and what to do; no traceback.

@@ -51,8 +51,21 @@ import torch
 from atoms.activations import Capture, capture
 from atoms.aip import AIP, Angles, euclidean_angles
 from atoms.cards import make_cards
+from atoms.convergence import PlateauRule
 from atoms.dictionary import Dictionary, welch_bound
 from atoms.errors import BadInputError
+from atoms.evidence import (
+    SeedStatistic,
+    angle_means,
+    claim_record,
+    evidence_from_record,
+    q_star_quantile,
+    r2_statistic,
+    seed_interval,
+    statistic,
+)
+from atoms.fit import FitResult, fit_to_plateau
+from atoms.intervals import Interval
 from atoms.metrics import (
     certified_fractions,
     neuron_dictionary,
@@ -66,8 +79,17 @@ from atoms.models import DEFAULT_MODEL, load_model
 from atoms.recovery import phase_transition
 from atoms.text import Article, split_articles, text_files, wikipedia_articles
 from atoms.theorems import CLAIMS, instance
-from atoms.train import StepStats, TrainConfig, TrainResult, train
+from atoms.train import StepStats, TrainConfig, TrainResult
 from atoms.tsae import MIN_THRESHOLD, TSAE, ReLUSAE, SparseAutoencoder, save_saelens
+from atoms.verdicts import (
+    PAPER_CLAIMS,
+    ClaimVerdict,
+    GridCell,
+    JumpEvidence,
+    Premise,
+    unmeasured_verdict,
+    verdict,
+)
 
 __all__ = [
     "DEFINITIONS",
@@ -147,10 +169,13 @@ class ExperimentConfig:
     average, at least 1): on 2 cores busy with other work one thread ran the forward 2.3x faster than two."""
     seq_len: int = 256
     """Tokens per chunk fed to the model (the first position of each chunk is dropped)."""
-    capture_batch: int = 8
-    """Chunks per forward pass during capture."""
-    steps: int = 240
-    """Optimizer steps of each SAE training."""
+    capture_batch: int | None = None
+    """Chunks per forward pass during capture; None: atoms.activations.default_batch_size (2048 tokens on
+    CPU, 32768 on CUDA)."""
+    steps: int = 3000
+    """Most optimizer steps of each SAE training: it stops earlier when the plateau rule holds (min_steps,
+    eval_every, plateau_window, plateau_tol, l0_tol), and a run that reaches this many first is reported as
+    not converged."""
     batch_size: int = 512
     """Activation vectors per training step. Measured: at equal compute, 240 steps of 512 gave a higher R^2
     than 60 steps of 2048."""
@@ -160,12 +185,38 @@ class ExperimentConfig:
     """Steps over which the learning rate ramps up linearly."""
     sparsity_warmup_steps: int = 60
     """Steps over which the sparsity coefficient ramps up linearly."""
+    l0_targets: tuple[float, ...] = (8.0, 32.0, 96.0)
+    """Mean L0 per token each SAE is trained to (the target-L0 controller adapts lambda): the sparsities of
+    the R^2-vs-L0 frontier. q* depends on L0 and the paper does not state its K, so it is a dimension."""
+    main_l0: float = 32.0
+    """The sparsity (one of l0_targets) of the verdict table's trained rows, trained at `seeds` seeds."""
+    seeds: int = 3
+    """Training seeds at main_l0; the other sparsities train one seed."""
+    eval_every: int = 100
+    """Steps between evaluations of the held-out validation loss (the plateau rule's input)."""
+    plateau_window: int = 5
+    """Evaluations the plateau rule compares (atoms.convergence.PlateauRule.window)."""
+    plateau_tol: float = 0.01
+    """Largest relative fall of the validation loss over the window that counts as a plateau."""
+    l0_tol: float = 0.1
+    """Largest relative distance of the validation L0 from its target that counts as reached."""
+    min_steps: int = 600
+    """No plateau before this step (the warm-ups and the L0 controller settle first)."""
+    validation_fraction: float = 0.1
+    """Fraction of the fit tokens held out of training to evaluate the plateau rule on (the held-out
+    articles stay untouched for the metrics)."""
+    target_l0_gain: float = 0.02
+    """Gain of the target-L0 controller (TrainConfig.target_l0_gain)."""
+    budget_minutes: float | None = None
+    """Wall-clock budget of the whole run; the SAE trainings share what is left after the capture, and one
+    that reaches its share stops there, reported as not converged. None: no budget."""
     l0_coefficient: float = 1e-3
-    """lambda of the TSAE's L0 penalty (JumpReLU), on inputs at unit mean squared norm."""
+    """Starting lambda of the TSAE's L0 penalty (JumpReLU), on inputs at unit mean squared norm; the
+    target-L0 controller adapts it."""
     l1_coefficient: float = 4e-2
-    """lambda of the ReLU SAE's L1 penalty, on inputs at unit mean squared norm. Chosen so that the
-    features' l0 lands near the atoms' (about 150), a like-for-like comparison: at layer 9 with the default
-    training, 5e-3 gave l0 510, 2e-2 gave 256 and 5e-2 gave 102."""
+    """Starting lambda of the ReLU SAE's L1 penalty, on inputs at unit mean squared norm; the target-L0
+    controller adapts it, so features and atoms are compared at the same L0 (at layer 9, 5e-3 gave l0 510,
+    2e-2 gave 256 and 5e-2 gave 102 before the controller)."""
     ridge: float = 0.0
     """Relative ridge added to the second moment before the Cholesky factorisation (0: none)."""
     angle_vectors: int = 2000
@@ -177,9 +228,9 @@ class ExperimentConfig:
     neuron_samples: int = 512
     """Held-out tokens on which the neurons' q* and certified fractions are computed: a neuron code uses
     all d coordinates, so each sample's support Gram is d x d."""
-    erc_samples: int = 4
+    erc_samples: int = 256
     """Held-out samples per dictionary on which Tropp's ERC is evaluated (0.5 s each at 2304 x 576 with
-    supports of 150 atoms, 2.4 s with 400)."""
+    supports of 150 atoms, far less at the trained L0 of tens)."""
     bp_samples: int | None = None
     """Held-out samples per dictionary solved by basis pursuit; None: all of the q* samples (q_samples, or
     neuron_samples for the neurons)."""
@@ -225,7 +276,7 @@ class ExperimentConfig:
         self.text_files = tuple(str(p) for p in self.text_files)
         self.sweep_multiples = tuple(self.sweep_multiples)
         self.sweep_tokens = tuple(self.sweep_tokens)
-        counts = {"fit_tokens": 1, "heldout_tokens": 2, "seq_len": 2, "capture_batch": 1, "steps": 1}
+        counts = {"fit_tokens": 1, "heldout_tokens": 2, "seq_len": 2, "steps": 1}
         counts |= {"batch_size": 1, "lr_warmup_steps": 0, "sparsity_warmup_steps": 0, "angle_vectors": 2}
         counts |= {
             "q_samples": 1,
@@ -234,13 +285,16 @@ class ExperimentConfig:
             "cards": 0,
             "card_examples": 1,
         }
-        counts |= {"sweep_steps": 1, "sweep_batch_size": 1, "seed": 0}
+        counts |= {"sweep_steps": 1, "sweep_batch_size": 1, "seed": 0, "seeds": 1, "eval_every": 1}
+        counts |= {"plateau_window": 2, "min_steps": 0}
         counts |= {"phase_atoms": 0, "phase_grid": 1, "phase_trials": 1}
         for name, minimum in counts.items():
             if not _is_int(getattr(self, name), minimum):
                 raise BadInputError(
                     f"ExperimentConfig.{name} must be an int >= {minimum}, got {getattr(self, name)!r}."
                 )
+        if self.capture_batch is not None and not _is_int(self.capture_batch, 1):
+            raise BadInputError(f"capture_batch must be an int >= 1 or None, got {self.capture_batch!r}.")
         if not self.layers or not all(_is_int(i, 0) for i in self.layers):
             raise BadInputError(
                 f"layers must be a non-empty list of decoder block indices >= 0, got {self.layers!r}; "
@@ -260,6 +314,30 @@ class ExperimentConfig:
                 raise BadInputError(
                     f"ExperimentConfig.{name} must be a finite number {bound}, got {value!r}."
                 )
+        self.l0_targets = tuple(float(t) for t in self.l0_targets)
+        if not self.l0_targets or not all(math.isfinite(t) and t > 0 for t in self.l0_targets):
+            raise BadInputError(f"l0_targets must be positive numbers, got {self.l0_targets!r}.")
+        if self.main_l0 not in self.l0_targets:
+            raise BadInputError(
+                f"main_l0 = {self.main_l0} is not among l0_targets {self.l0_targets}; add it there."
+            )
+        for name, low, high in (
+            ("plateau_tol", 0.0, math.inf),
+            ("l0_tol", 0.0, math.inf),
+            ("validation_fraction", 0.0, 0.5),
+            ("target_l0_gain", 0.0, math.inf),
+        ):
+            value = getattr(self, name)
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            zero_ok = name.endswith("tol") and value == 0
+            if not (number and (low < value < high or zero_ok)):
+                raise BadInputError(f"ExperimentConfig.{name} must lie in ({low}, {high}), got {value!r}.")
+        if self.budget_minutes is not None and not (
+            isinstance(self.budget_minutes, (int, float)) and 0 < self.budget_minutes < math.inf
+        ):
+            raise BadInputError(
+                f"budget_minutes must be a positive number or None, got {self.budget_minutes!r}."
+            )
         if self.bp_samples is not None and not _is_int(self.bp_samples, 0):
             raise BadInputError(
                 f"bp_samples must be an int >= 0 or None (every q* sample), got {self.bp_samples!r}."
@@ -268,8 +346,8 @@ class ExperimentConfig:
             raise BadInputError(
                 f"bp_solver must be 'batched', 'linprog', 'cvxpy' or 'omp', got {self.bp_solver!r}."
             )
-        if self.preset not in ("default", "quick"):
-            raise BadInputError(f"preset must be 'default' or 'quick', got {self.preset!r}.")
+        if self.preset not in ("default", "quick", "gpu"):
+            raise BadInputError(f"preset must be 'default', 'quick' or 'gpu', got {self.preset!r}.")
         if not self.sweep_multiples or not all(_is_int(m, 1) for m in self.sweep_multiples):
             raise BadInputError(
                 f"sweep_multiples must be ints >= 1 (multiples of d), got {self.sweep_multiples!r}."
@@ -283,20 +361,50 @@ class ExperimentConfig:
             )
 
     @classmethod
+    def gpu(cls, **overrides: Any) -> ExperimentConfig:
+        """The preset `atoms run` takes on a CUDA device: the paper's protocol at scale. Each SAE sees at
+        least 50M training vectors (min_steps x batch_size), every held-out token is certified on the device
+        by the batched solver, ERC runs on 1024 samples. Sized, not yet measured, for 15 minutes on one
+        H100/H200 with SmolLM2-135M (kernels/NOTES.md)."""
+        preset: dict[str, Any] = {
+            "device": "cuda",
+            "fit_tokens": 1_048_576,
+            "heldout_tokens": 65_536,
+            "batch_size": 4096,
+            "steps": 40_000,
+            "min_steps": 12_300,
+            "eval_every": 500,
+            "lr": 5e-4,
+            "lr_warmup_steps": 500,
+            "sparsity_warmup_steps": 2000,
+            "q_samples": 65_536,
+            "neuron_samples": 8192,
+            "erc_samples": 1024,
+            "angle_vectors": 4000,
+            "preset": "gpu",
+        }
+        preset.update(overrides)
+        return cls(**preset)
+
+    @classmethod
     def quick(cls, **overrides: Any) -> ExperimentConfig:
         """The `--quick` preset (one shallow layer, fewer tokens and steps), with `overrides` applied."""
         preset: dict[str, Any] = {
             "layers": (3,),
             "fit_tokens": 8192,
             "heldout_tokens": 2048,
-            "steps": 100,
+            "steps": 800,
             "batch_size": 256,
             "lr_warmup_steps": 10,
             "sparsity_warmup_steps": 30,
+            "l0_targets": (32.0,),
+            "seeds": 2,
+            "eval_every": 50,
+            "min_steps": 300,
             "angle_vectors": 1000,
             "q_samples": 512,
             "neuron_samples": 256,
-            "erc_samples": 2,
+            "erc_samples": 64,
             "cards": 4,
             "card_examples": 6,
             "sweep_multiples": (1, 2, 4),
@@ -319,6 +427,9 @@ _DIC = "layers.*.dictionaries.*."
 _CERT = _DIC + "certified."
 _WIN = "layers.*.dictionaries.atoms.window."
 _CELL = "sweep.cells.*."
+_FRONT = "layers.*.frontier.*.*."
+_SEED = "layers.*.seeds.*."
+_CLAIM_EV = "layers.*.claims.*."
 
 DEFINITIONS: dict[str, str] = {
     "version": "Version of the results format.",
@@ -406,6 +517,8 @@ DEFINITIONS: dict[str, str] = {
     _CERT + "bp_interval": "Wilson 95% interval of bp_fraction.",
     _CERT + "bp_interval.*": "Wilson 95% interval of bp_fraction (low, high).",
     _CERT + "seconds": "Wall seconds of the certified fractions of this dictionary.",
+    _CERT + "basis": "True for the neurons: they form a basis, so every code is the unique representation "
+    "and basis pursuit recovers it trivially; their certified fractions are not comparable to the SAEs'.",
     _DIC + "theory.coherence": "Coherence mu under the AIP (the theorems' premises read it).",
     _DIC + "theory.K": "K = the median l0 (at least 1), at which the premises are evaluated.",
     _DIC + "theory.welch_margin": "mu minus the Welch bound (>= 0: the Welch claim holds).",
@@ -424,6 +537,49 @@ DEFINITIONS: dict[str, str] = {
     _DIC + "training.curve.step": "Steps at which the training curve is sampled.",
     _DIC + "training.curve.recon_loss": "Reconstruction loss at those steps.",
     _DIC + "training.curve.l0": "Mean training-batch l0 at those steps.",
+    _DIC + "training.max_steps": "Most optimizer steps the run was allowed (ExperimentConfig.steps).",
+    _DIC + "training.target_l0": "Mean L0 the target-L0 controller aimed at.",
+    _DIC + "training.sparse_steps": "Steps that took the sparse training path (atoms.kernels.sparse_step).",
+    _DIC + "training.convergence.converged": "Whether the plateau rule held when training stopped.",
+    _DIC + "training.convergence.validation.step": "Steps at which the validation loss was evaluated.",
+    _DIC + "training.convergence.validation.recon_loss": "Validation reconstruction loss at those steps "
+    "(fit tokens held out of training).",
+    _DIC + "training.convergence.validation.l0": "Mean validation L0 at those steps.",
+    _FRONT + "target_l0": "Target mean L0 of this point of the R^2-vs-L0 frontier (first seed).",
+    _FRONT + "l0": "Mean l0 reached on the held-out tokens.",
+    _FRONT + "r2_euclidean": "Held-out R^2, Euclidean norm.",
+    _FRONT + "r2_aip": "Held-out R^2, AIP norm.",
+    _FRONT + "q_star_quantile": "q* (quantile form, AIP) on the q* samples.",
+    _FRONT + "q_star_per_sample": "q* (per-sample form, AIP) on the q* samples.",
+    _FRONT + "spark_fraction": "Fraction of samples proven unique by the spark bound.",
+    _FRONT + "erc_fraction": "Fraction of the ERC subsample whose support has ERC < 1.",
+    _FRONT + "bp_fraction": "Fraction of the basis-pursuit subsample recovered with a checked certificate.",
+    _FRONT + "converged": "Whether this SAE's training converged by the plateau rule.",
+    _FRONT + "steps": "Optimizer steps this SAE trained.",
+    _SEED + "seed": "Seed index (0 is the run's seed; seed i uses seed + 1000 i).",
+    _SEED + "r2_euclidean": "Held-out R^2 of this seed's SAE at main_l0, Euclidean norm.",
+    _SEED + "r2_aip": "Held-out R^2 of this seed's SAE at main_l0, AIP norm.",
+    _SEED + "q_star_quantile": "q* (quantile form, AIP) of this seed's SAE.",
+    _SEED + "l0": "Mean held-out l0 of this seed's SAE.",
+    _SEED + "tokens_seen": "Training vectors this seed's SAE saw.",
+    _SEED + "converged": "Whether this seed's training converged by the plateau rule.",
+    _CLAIM_EV + "estimate": "Our estimate of the claim's statistic (mean over seeds where trained).",
+    _CLAIM_EV + "low": "Lower end of its 95% interval (bootstrap over held-out samples and seeds).",
+    _CLAIM_EV + "high": "Upper end of its 95% interval.",
+    _CLAIM_EV + "level": "Confidence level of the interval.",
+    _CLAIM_EV + "n": "Held-out samples (one seed) or seeds behind the interval.",
+    _CLAIM_EV + "seeds": "Training seeds behind the interval (1 where no training is involved).",
+    _CLAIM_EV + "converged": "Whether every seed's training converged (null where none is involved).",
+    _CLAIM_EV + "premises.*.met": "Whether the premise of the comparison holds.",
+    _CLAIM_EV + "conditions.*": "A condition of the measurement (layer, tokens, L0, n_atoms, ...).",
+    "verdicts.*.layer": "Layer of the verdict's evidence (null when the claim was not measured).",
+    "verdicts.*.estimate": "Our estimate (null when not measured or for the jump).",
+    "verdicts.*.low": "Lower end of our 95% interval.",
+    "verdicts.*.high": "Upper end of our 95% interval.",
+    "verdicts.*.conditions.*": "A condition of the measurement behind the verdict.",
+    _CELL + "r2_train_interval.*": "95% bootstrap interval of r2_train_euclidean (low, high).",
+    _CELL + "steps": "Optimizer steps the cell trained (it stops at the plateau rule).",
+    _CELL + "converged": "Whether the cell's training converged by the plateau rule (on its own vectors).",
     _WIN + "eps": "Coherence of the TSAE's atoms under the AIP (theorem 4's eps).",
     _WIN + "K": "Largest support size among held-out codes.",
     _WIN + "dmin": "Smallest non-zero code value.",
@@ -501,6 +657,21 @@ def field_docs(cls: type = ExperimentConfig) -> dict[str, str]:
 # ------------------------------------------------------------------------------------------------------------
 
 
+def code_version() -> str:
+    """The atoms version and a digest of its source (atoms and atoms.kernels): part of every cache key, so
+    an upgraded or edited toolkit never reuses an older run's captures, layer results or phase plane."""
+    import atoms
+    import atoms.kernels
+
+    sha = hashlib.sha256()
+    for package in (atoms, atoms.kernels):
+        root = Path(package.__file__).parent
+        for path in sorted(root.glob("*.py")):
+            sha.update(path.name.encode())
+            sha.update(path.read_bytes())
+    return f"{importlib.metadata.version('atoms')}+{sha.hexdigest()[:12]}"
+
+
 def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
@@ -551,6 +722,19 @@ def choose_threads(requested: int | None) -> int:
     cores = _cores()
     free = cores - _load_average()[0]
     return max(1, min(cores, math.floor(free + 0.5))) if math.isfinite(free) else cores
+
+
+def threads_reason(requested: int | None, threads: int) -> str:
+    """Why the run uses `threads` torch threads, in words (printed at the start of `atoms run`)."""
+    if requested is not None:
+        return "chosen with --threads"
+    cores, load = _cores(), _load_average()[0]
+    if not math.isfinite(load):
+        return f"all {cores} cores: the load average is unavailable here"
+    return (
+        f"{cores} cores minus the 1-minute load average {load:.1f}, at least 1: threads on cores that "
+        "other work holds wait for each other (on 2 busy cores one thread ran the model 2.3x faster than two)"
+    )
 
 
 class _Progress:
@@ -788,43 +972,80 @@ def representation_shift(
 # ------------------------------------------------------------------------------------------------------------
 
 
-def _new_sae(kind: str, d: int, n_atoms: int, aip: AIP, config: ExperimentConfig) -> SparseAutoencoder:
+def _new_sae(
+    kind: str, d: int, n_atoms: int, aip: AIP, config: ExperimentConfig, seed: int
+) -> SparseAutoencoder:
     if kind == "atoms":
-        return TSAE(d, n_atoms, aip, l0_coefficient=config.l0_coefficient, seed=config.seed)
-    return ReLUSAE(d, n_atoms, l1_coefficient=config.l1_coefficient, seed=config.seed)
+        return TSAE(d, n_atoms, aip, l0_coefficient=config.l0_coefficient, seed=seed)
+    return ReLUSAE(d, n_atoms, l1_coefficient=config.l1_coefficient, seed=seed)
 
 
 def _curve(result: TrainResult) -> dict[str, list[float]]:
+    """At most CURVE_POINTS points, each the mean over a bin of consecutive steps (its last step labels it).
+
+    Means rather than single steps: a run whose loss alternates between odd and even steps, sampled every
+    ~4 steps, would otherwise show jumps where the sampling switches parity."""
     n = result.loss.numel()
-    idx = torch.linspace(0, n - 1, min(n, CURVE_POINTS)).round().long().unique()
+    edges = torch.linspace(0, n, min(n, CURVE_POINTS) + 1).round().long().unique()
+    bins = list(itertools.pairwise(edges.tolist()))
     return {
-        "step": (idx + 1).tolist(),
-        "recon_loss": result.recon_loss[idx].tolist(),
-        "l0": result.l0[idx].tolist(),
+        "step": [b for _, b in bins],
+        "recon_loss": [float(result.recon_loss[a:b].mean()) for a, b in bins],
+        "l0": [float(result.l0[a:b].mean()) for a, b in bins],
     }
 
 
-def _train_sae(
+class _Budget:
+    """The run's wall-clock budget, shared by the SAE trainings still to run."""
+
+    def __init__(self, minutes: float | None) -> None:
+        self.end = None if minutes is None else time.perf_counter() + 60.0 * minutes
+        self.trainings = 1
+        """Trainings still to run (set once the run knows them)."""
+
+    def deadline(self) -> float | None:
+        """The deadline of the next training: an equal share of the time left."""
+        self.trainings = max(1, self.trainings)
+        now = time.perf_counter()
+        share = None if self.end is None else now + max(0.0, self.end - now) / self.trainings
+        self.trainings -= 1
+        return share
+
+
+def _plateau_rule(config: ExperimentConfig, target: float) -> PlateauRule:
+    return PlateauRule(
+        eval_every=config.eval_every,
+        window=config.plateau_window,
+        rel_tol=config.plateau_tol,
+        l0_tol=config.l0_tol,
+        target_l0=target,
+        min_steps=config.min_steps,
+    )
+
+
+def _fit_sae(
     model: SparseAutoencoder,
-    x: torch.Tensor,
+    train_x: torch.Tensor,
+    val_x: torch.Tensor,
     tc: TrainConfig,
+    rule: PlateauRule,
     folder: Path,
+    deadline: float | None,
     bars: _Progress,
     label: str,
-) -> tuple[TrainResult, float]:
-    """Train (or resume, or load the finished run) from checkpoints in `folder`; returns (result, seconds)."""
+) -> tuple[FitResult, float]:
+    """Train to the plateau rule (or resume, or load the finished run); returns (fit, seconds)."""
     update = bars.task(label, tc.steps)
     start = time.perf_counter()
 
     def tick(stats: StepStats) -> None:
-        update(
-            completed=stats.step,
-            description=f"{label}  recon {stats.recon_loss:.3f}  l0 {stats.l0:.0f}",
-        )
+        update(completed=stats.step, description=f"{label}  recon {stats.recon_loss:.3f}  l0 {stats.l0:.0f}")
 
-    result = train(model, x, tc, checkpoint_dir=folder, progress=False, callback=tick)
+    fit = fit_to_plateau(
+        model, train_x, val_x, tc, rule, checkpoint_dir=folder, deadline=deadline, callback=tick
+    )
     update(completed=tc.steps)
-    return result, time.perf_counter() - start
+    return fit, time.perf_counter() - start
 
 
 @torch.no_grad()
@@ -1005,40 +1226,72 @@ def _window(model: TSAE, dic_aip: Dictionary, codes: torch.Tensor) -> dict[str, 
 
 
 def _training_record(
-    model: SparseAutoencoder,
-    result: TrainResult,
-    tc: TrainConfig,
-    n_fit: int,
-    coefficient: float,
-    seconds: float,
+    model: SparseAutoencoder, fit: FitResult, tc: TrainConfig, n_fit: int, target: float, seconds: float
 ) -> dict[str, Any]:
+    result = fit.result
+    steps = int(result.loss.numel())
     return {
-        "steps": tc.steps,
+        "steps": steps,
+        "max_steps": tc.steps,
         "batch_size": tc.batch_size,
-        "tokens_seen": tc.steps * tc.batch_size,
-        "epochs": tc.steps * tc.batch_size / n_fit,
+        "tokens_seen": steps * tc.batch_size,
+        "epochs": steps * tc.batch_size / n_fit,
         "lr": tc.lr,
-        "coefficient": coefficient,
+        "target_l0": target,
+        "coefficient": result.final_coefficient,
         "input_scale": model.input_scale,
         "final_recon_loss": float(result.recon_loss[-1]),
         "final_l0": float(result.l0[-1]),
+        "sparse_steps": int(result.sparse.sum()),
         "seconds": seconds,
         "curve": _curve(result),
+        "convergence": {
+            "converged": fit.convergence.converged,
+            "reason": fit.convergence.reason,
+            "stopped_by": fit.stopped_by,
+            "validation": {
+                "step": [e.step for e in fit.evaluations],
+                "recon_loss": [e.recon_loss for e in fit.evaluations],
+                "l0": [e.l0 for e in fit.evaluations],
+            },
+        },
     }
 
 
-def _train_config(config: ExperimentConfig, n_fit: int, steps: int, batch_size: int) -> TrainConfig:
+def _train_config(
+    config: ExperimentConfig, n_fit: int, steps: int, batch_size: int, target: float | None
+) -> TrainConfig:
     return TrainConfig(
         lr=config.lr,
         batch_size=batch_size,
         steps=steps,
         lr_warmup_steps=config.lr_warmup_steps,
         sparsity_warmup_steps=config.sparsity_warmup_steps,
+        target_l0=target,
+        target_l0_gain=config.target_l0_gain,
         seed=config.seed,
         dead_window=n_fit,
-        checkpoint_every=max(1, steps // 6),
+        # Every fifth evaluation: a resumed run replays at most that many evaluation intervals.
+        checkpoint_every=5 * config.eval_every,
         input_scale_samples=min(n_fit, 16_384),
     )
+
+
+def _split_fit(x: torch.Tensor, config: ExperimentConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(training rows, validation rows) of the fit tokens x (n, d): a seeded random validation_fraction."""
+    order = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(config.seed + 4))
+    n_val = max(1, round(config.validation_fraction * x.shape[0]))
+    return x[order[n_val:]], x[order[:n_val]]
+
+
+def _runs(config: ExperimentConfig) -> list[tuple[str, float, int]]:
+    """(kind, target L0, seed index) of every SAE a layer trains: every sparsity once, main_l0 per seed."""
+    return [
+        (kind, target, s)
+        for kind in ("features", "atoms")
+        for target in config.l0_targets
+        for s in range(config.seeds if target == config.main_l0 else 1)
+    ]
 
 
 def _layer(
@@ -1052,21 +1305,25 @@ def _layer(
     out_dir: Path,
     model_name: str,
     bars: _Progress,
+    budget: _Budget,
 ) -> dict[str, Any]:
-    """Everything of one layer: AIP, representation shift, SAEs, metrics, window, cards.
+    """Everything of one layer: AIP, representation shift, SAEs at every sparsity and seed, metrics, the
+    frontier, the window, the claims' evidence, cards.
 
     work: the folder of this capture's trainings (checkpoints resume from there); out_dir: where the trained
-    SAEs are saved in SAELens format.
+    SAEs (main sparsity, first seed) are saved in SAELens format.
     """
     seconds: dict[str, float] = {}
     x = fit_cap.activations(layer)
     h = held_cap.activations(layer)
     d = x.shape[1]
     n_atoms = config.n_atoms or 4 * d
-    if x.shape[0] < config.batch_size:
+    train_x, val_x = _split_fit(x, config)
+    if train_x.shape[0] < config.batch_size:
         raise BadInputError(
-            f"the fit text gave {x.shape[0]} tokens at layer {layer}, fewer than batch_size = "
-            f"{config.batch_size}; pass more text (or a larger fit_tokens) or a smaller batch size."
+            f"the fit text gave {train_x.shape[0]} training tokens at layer {layer} (after holding out "
+            f"{val_x.shape[0]} for validation), fewer than batch_size = {config.batch_size}; pass more text "
+            "(or a larger fit_tokens) or a smaller batch size."
         )
     aip = AIP.from_moment(fit_cap.moments[layer], ridge=config.ridge)
     result: dict[str, Any] = {
@@ -1081,31 +1338,40 @@ def _layer(
     step = bars.task(f"layer {layer}: representation shift", None)
     with _timed(seconds, "representation_shift"):
         result["shift"] = representation_shift(x, h, aip, config.angle_vectors, config.seed)
+        angle_rows = h[_rows(h.shape[0], config.angle_vectors, config.seed + 1)]
+        angles = {
+            "euclidean": statistic(np.abs(angle_means(angle_rows) - 90.0), np.mean, seed=config.seed),
+            "aip": statistic(angle_means(angle_rows, aip), np.mean, seed=config.seed),
+        }
     step(total=1, completed=1)
 
-    saes: dict[str, SparseAutoencoder] = {}
-    records: dict[str, dict[str, Any]] = {}
-    for kind in ("features", "atoms"):
-        model = _new_sae(kind, d, n_atoms, aip, config).to(config.device)
-        tc = _train_config(config, x.shape[0], config.steps, config.batch_size)
+    fitted: dict[tuple[str, float, int], tuple[SparseAutoencoder, dict[str, Any]]] = {}
+    for kind, target, s in _runs(config):
+        model = _new_sae(kind, d, n_atoms, aip, config, seed=config.seed + 1000 * s).to(config.device)
+        tc = _train_config(config, train_x.shape[0], config.steps, config.batch_size, target)
+        rule = _plateau_rule(config, target)
         # Named by everything the run depends on; `work` is already specific to the captured activations.
-        key = _digest([asdict(tc), model.config(), config.ridge])
-        folder = work / "train" / f"layer_{layer:03d}" / f"{kind}-{key}"
-        with _timed(seconds, f"train_{kind}"):
-            res, secs = _train_sae(model, x, tc, folder, bars, f"layer {layer}: train {kind} ({n_atoms})")
+        key = _digest([asdict(tc), model.config(), config.ridge, asdict(rule), config.validation_fraction])
+        folder = work / "train" / f"layer_{layer:03d}" / f"{kind}-l0_{target:g}-seed{s}-{key}"
+        label = f"layer {layer}: {kind} ({n_atoms}), L0 {target:g}, seed {s}"
+        with _timed(seconds, f"train_{kind}_l0_{target:g}_seed{s}"):
+            fit, secs = _fit_sae(model, train_x, val_x, tc, rule, folder, budget.deadline(), bars, label)
         model.eval()
-        records[kind] = _training_record(model, res, tc, x.shape[0], model.sparsity_coefficient, secs)
-        records[kind]["dead"] = int(res.dead_latents.sum())
+        record = _training_record(model, fit, tc, train_x.shape[0], target, secs)
+        record["dead"] = int(fit.result.dead_latents.sum())
+        fitted[kind, target, s] = (model, record)
+    for kind in ("features", "atoms"):
         save_saelens(
-            model,
+            fitted[kind, config.main_l0, 0][0],
             out_dir / "saes" / f"layer_{layer:03d}_{kind}",
             metadata={"model_name": model_name, "hook_name": f"blocks.{layer}.hook_resid_post"},
         )
-        saes[kind] = model
 
-    step = bars.task(f"layer {layer}: metrics", 3)
+    step = bars.task(f"layer {layer}: metrics", 1 + len(fitted))
     dics: dict[str, dict[str, Any]] = {}
     codes_of: dict[str, torch.Tensor] = {}
+    frontier: dict[str, list[dict[str, Any]]] = {"features": [], "atoms": []}
+    per_seed: dict[str, list[dict[str, Any]]] = {"features": [], "atoms": []}
     with _timed(seconds, "metrics"):
         # Neurons: the identity basis; the code is the activation, reconstruction exact. Both row samples
         # come from one permutation, so the neurons' rows are among the SAEs' when neuron_samples is smaller.
@@ -1123,23 +1389,47 @@ def _layer(
             sample_rows=neuron_rows,
         )
         dics["neurons"]["dead_training"] = None
+        dics["neurons"]["certified"]["basis"] = True
         codes_of["neurons"] = h
+        mu_n, l0_n = sample_coherence(neuron_dictionary(d, aip), h[neuron_rows])
+        neuron_q = statistic(np.stack([mu_n.numpy(), l0_n.numpy()], 1), q_star_quantile, seed=config.seed)
         step(advance=1)
-        for kind in ("features", "atoms"):
-            model = saes[kind]
+        for (kind, target, s), (model, record) in fitted.items():
             codes, x_hat = _encode(model, h.to(config.device))
             raw = model.dictionary()[0]
             dic_aip = Dictionary(raw, aip)
-            dics[kind] = _dictionary_metrics(
-                dic_aip, Dictionary(raw), codes, h, x_hat, aip, config, nonneg=True, sample_rows=sample_rows
-            )
-            dics[kind]["dead_training"] = records[kind].pop("dead")
-            dics[kind]["training"] = records[kind]
-            if kind == "atoms":
-                dics[kind]["window"] = _window(model, dic_aip, codes)
-            codes_of[kind] = codes
+            first = s == 0
+            if first:
+                metrics = _dictionary_metrics(
+                    dic_aip,
+                    Dictionary(raw),
+                    codes,
+                    h,
+                    x_hat,
+                    aip,
+                    config,
+                    nonneg=True,
+                    sample_rows=sample_rows,
+                )
+                metrics["dead_training"] = record.pop("dead")
+                metrics["training"] = record
+                if kind == "atoms":
+                    metrics["window"] = _window(model, dic_aip, codes)
+                frontier[kind].append(_frontier_point(target, metrics))
+                if target == config.main_l0:
+                    dics[kind] = metrics
+                    codes_of[kind] = codes
+            if target == config.main_l0:
+                per_seed[kind].append(
+                    _seed_statistics(kind, s, dic_aip, codes, h, x_hat, aip, sample_rows, record, config)
+                )
             step(advance=1)
     result["dictionaries"] = dics
+    result["frontier"] = frontier
+    result["seeds"] = [
+        {k: v for k, v in r.items() if k != "stats"} for kind in per_seed for r in per_seed[kind]
+    ]
+    result["claims"] = _claims(layer, config, n_atoms, d, angles, neuron_q, per_seed, fit_cap, dics)
 
     with _timed(seconds, "cards"):
         result["cards"] = {
@@ -1160,6 +1450,160 @@ def _layer(
         }
     result["seconds"] = seconds
     return result
+
+
+def _frontier_point(target: float, metrics: dict[str, Any]) -> dict[str, Any]:
+    cert = metrics["certified"]
+    conv = metrics["training"]["convergence"]
+    return {
+        "target_l0": target,
+        "l0": metrics["l0"],
+        "r2_euclidean": metrics["r2_euclidean"],
+        "r2_aip": metrics["r2_aip"],
+        "q_star_quantile": metrics["q_star_quantile"],
+        "q_star_per_sample": metrics["q_star_per_sample"],
+        "spark_fraction": cert["spark_fraction"],
+        "erc_fraction": cert["erc_fraction"],
+        "bp_fraction": cert["bp_fraction"],
+        "converged": conv["converged"],
+        "steps": metrics["training"]["steps"],
+    }
+
+
+def _window_margin(eps: float) -> Any:
+    """The statistic dmin - eps (2K - 1) dmax of rows (l0_i, smallest, largest non-zero code_i) of the
+    samples with a non-empty code: theorem 4's window is non-empty iff it is > 0."""
+
+    def margin(rows: np.ndarray) -> float:
+        return float(rows[:, 1].min() - eps * (2.0 * rows[:, 0].max() - 1.0) * rows[:, 2].max())
+
+    return margin
+
+
+def _seed_statistics(
+    kind: str,
+    s: int,
+    dic_aip: Dictionary,
+    codes: torch.Tensor,
+    h: torch.Tensor,
+    x_hat: torch.Tensor,
+    aip: AIP,
+    sample_rows: torch.Tensor,
+    record: dict[str, Any],
+    config: ExperimentConfig,
+) -> dict[str, Any]:
+    """One seed's statistics of the main sparsity, each with its bootstrap replicates over held-out samples
+    (under "stats", for the claims; the rest goes into the results)."""
+    seed = config.seed + 7 * s
+    mu, l0 = sample_coherence(dic_aip, codes[sample_rows])
+    coherence = dic_aip.coherence()
+    l0_rows = l0.double().numpy()
+    stats = {
+        "r2_euclidean": r2_statistic(h, x_hat, seed=seed),
+        "r2_aip": r2_statistic(h, x_hat, aip, seed=seed),
+        "q_star": statistic(np.stack([mu.numpy(), l0_rows], 1), q_star_quantile, seed=seed),
+        "rip_margin": statistic(
+            l0_rows, lambda k: 1.0 - (max(1.0, np.median(k)) - 1.0) * coherence, seed=seed
+        ),
+        "uniqueness_margin": statistic(
+            l0_rows, lambda k: 1.0 / (2.0 * max(1.0, np.median(k)) - 1.0) - coherence, seed=seed
+        ),
+    }
+    if kind == "atoms":
+        active = codes[(codes != 0).any(dim=1)]
+        masked = torch.where(active != 0, active, torch.inf)
+        rows = torch.stack(
+            [(active != 0).sum(1).double(), masked.min(1).values.double(), active.max(1).values.double()], 1
+        )
+        stats["window_margin"] = statistic(rows.numpy(), _window_margin(coherence), seed=seed)
+    conv = record["convergence"]
+    return {
+        "kind": kind,
+        "seed": s,
+        "r2_euclidean": stats["r2_euclidean"].estimate,
+        "r2_aip": stats["r2_aip"].estimate,
+        "q_star_quantile": stats["q_star"].estimate,
+        "l0": float((codes != 0).sum(1).double().mean()),
+        "tokens_seen": record["tokens_seen"],
+        "converged": conv["converged"],
+        "convergence_reason": conv["reason"],
+        "stats": stats,
+    }
+
+
+def _claims(
+    layer: int,
+    config: ExperimentConfig,
+    n_atoms: int,
+    d: int,
+    angles: dict[str, SeedStatistic],
+    neuron_q: SeedStatistic,
+    per_seed: dict[str, list[dict[str, Any]]],
+    fit_cap: Capture,
+    dics: dict[str, dict[str, Any]],
+) -> list[dict[str, Any]]:
+    """Every claim's evidence at this layer (atoms.evidence.claim_record), for the verdict rules."""
+    base = {"model": config.model, "layer": layer, "heldout_tokens": int(dics["neurons"]["q_star_samples"])}
+    size = Premise(
+        "dictionary size 4d, as the paper's",
+        n_atoms == 4 * d,
+        f"n_atoms = {n_atoms}, d = {d}",
+    )
+    heldout = Premise(
+        "S estimated on other text than the angles'",
+        True,
+        f"the AIP is fitted on {fit_cap.n_tokens} tokens of the fit articles, the angles measured on "
+        "held-out articles",
+    )
+    records = [
+        claim_record(
+            "aip_angles_90", seed_interval([angles["aip"]]), {**base, "norm": "aip"}, premises=[heldout]
+        ),
+        claim_record(
+            "euclidean_angles_off_90", seed_interval([angles["euclidean"]]), {**base, "norm": "euclidean"}
+        ),
+        claim_record("q_star_neurons", seed_interval([neuron_q]), {**base, "L0": dics["neurons"]["l0"]}),
+    ]
+    wanted = {
+        "atoms": [
+            ("r2_atoms", "r2_euclidean", "euclidean"),
+            ("r2_atoms", "r2_aip", "aip"),
+            ("q_star_atoms", "q_star", "aip"),
+            ("tsae_window", "window_margin", "aip"),
+            ("rip_premise", "rip_margin", "aip"),
+            ("uniqueness_premise", "uniqueness_margin", "aip"),
+        ],
+        "features": [
+            ("r2_features", "r2_euclidean", "euclidean"),
+            ("r2_features", "r2_aip", "aip"),
+            ("q_star_features", "q_star", "aip"),
+        ],
+    }
+    for kind, rows in wanted.items():
+        seeds = per_seed[kind]
+        converged = all(r["converged"] for r in seeds)
+        reasons = "; ".join(f"seed {r['seed']}: {r['convergence_reason']}" for r in seeds)
+        conditions = {
+            **base,
+            "L0": float(np.mean([r["l0"] for r in seeds])),
+            "target_L0": config.main_l0,
+            "tokens_seen": int(np.mean([r["tokens_seen"] for r in seeds])),
+            "n_atoms": n_atoms,
+        }
+        for claim, name, norm in rows:
+            interval = seed_interval([r["stats"][name] for r in seeds], seed=config.seed)
+            records.append(
+                claim_record(
+                    claim,
+                    interval,
+                    {**conditions, "norm": norm},
+                    converged=converged,
+                    convergence_reason=reasons,
+                    seeds=len(seeds),
+                    premises=[size] if claim.startswith(("r2", "q_star")) else [],
+                )
+            )
+    return records
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -1192,28 +1636,36 @@ def _sweep(
             subset = x[order[:tokens]]
             n_atoms = multiple * d
             batch = min(config.sweep_batch_size, tokens)
-            tc = _train_config(config, tokens, config.sweep_steps, batch)
-            model = _new_sae("atoms", d, n_atoms, aip, config).to(config.device)
-            key = _digest([asdict(tc), model.config(), config.ridge])
+            tc = _train_config(config, tokens, config.sweep_steps, batch, config.main_l0)
+            rule = _plateau_rule(config, config.main_l0)
+            model = _new_sae("atoms", d, n_atoms, aip, config, seed=config.seed).to(config.device)
+            key = _digest([asdict(tc), model.config(), config.ridge, asdict(rule)])
             folder = work / "sweep" / f"layer_{layer:03d}" / f"m{multiple}_t{tokens}-{key}"
-            _train_sae(model, subset, tc, folder, bars, f"sweep: {multiple}d atoms, {tokens} tokens")
+            # The claim is about fitting the training vectors: the plateau is read on them.
+            label = f"sweep: {multiple}d atoms, {tokens} tokens"
+            fit, _ = _fit_sae(model, subset, subset, tc, rule, folder, None, bars, label)
             model.eval()
             _, x_hat_train = _encode(model, subset.to(config.device))
             codes, x_hat = _encode(model, h.to(config.device))
             dic = Dictionary(model.dictionary()[0], aip)
             mu, l0 = sample_coherence(dic, codes[sample_rows])
+            r2_train = seed_interval([r2_statistic(subset, x_hat_train, seed=config.seed)])
             cells.append(
                 {
                     "multiple": multiple,
                     "n_atoms": n_atoms,
                     "tokens": tokens,
-                    "r2_train_euclidean": r2(subset, x_hat_train),
+                    "r2_train_euclidean": r2_train.estimate,
+                    "r2_train_interval": [r2_train.low, r2_train.high],
                     "r2_train_aip": r2(subset, x_hat_train, aip),
                     "r2_heldout_euclidean": r2(h, x_hat),
                     "r2_heldout_aip": r2(h, x_hat, aip),
                     "l0": float((codes != 0).sum(dim=1).double().mean()),
                     "q_star_quantile": q_star(mu, l0, form="quantile").value,
                     "q_star_per_sample": q_star(mu, l0, form="per_sample").value,
+                    "steps": int(fit.result.loss.numel()),
+                    "converged": fit.convergence.converged,
+                    "convergence_reason": fit.convergence.reason,
                     "seconds": time.perf_counter() - cell_start,
                 }
             )
@@ -1257,10 +1709,14 @@ def _versions() -> dict[str, str]:
     return out
 
 
+def _preset(name: str) -> ExperimentConfig:
+    return {"quick": ExperimentConfig.quick, "gpu": ExperimentConfig.gpu}.get(name, ExperimentConfig)()
+
+
 def _command(config: ExperimentConfig) -> str:
     """The `atoms run` command line that reproduces this config's flags (other fields: see meta.config)."""
     parts = ["atoms", "run"]
-    base = ExperimentConfig.quick() if config.preset == "quick" else ExperimentConfig()
+    base = _preset(config.preset)
     if config.preset == "quick":
         parts.append("--quick")
     if config.model != base.model:
@@ -1280,6 +1736,10 @@ def _command(config: ExperimentConfig) -> str:
         parts += ["--seed", str(config.seed)]
     if config.threads is not None:
         parts += ["--threads", str(config.threads)]
+    if config.steps != base.steps:
+        parts += ["--steps", str(config.steps)]
+    if config.budget_minutes is not None:
+        parts += ["--budget", f"{config.budget_minutes:g}"]
     if config.sweep:
         parts.append("--sweep")
     return shlex.join(parts)
@@ -1291,7 +1751,7 @@ def _layers_reason(config: ExperimentConfig, n_layers: int) -> str:
         f"Capture runs each forward pass only up to the deepest requested block, so its cost grows with "
         f"that block: here {deepest + 1} of {n_layers} blocks run per token."
     )
-    defaults = ExperimentConfig.quick() if config.preset == "quick" else ExperimentConfig()
+    defaults = _preset(config.preset)
     if config.layers == defaults.layers:
         return (
             f"Layers {', '.join(map(str, config.layers))} are the preset's: spread over the first half of "
@@ -1313,6 +1773,65 @@ def _summary(layers: dict[str, Any]) -> dict[str, dict[str, float]]:
     atoms = [lay["dictionaries"]["atoms"]["window"]["samples_certified"] for lay in layers.values()]
     out["atoms"]["window_samples_certified"] = float(np.mean(atoms))
     return out
+
+
+def _verdicts(
+    layers: dict[str, Any], sweep: dict[str, Any] | None, config: ExperimentConfig
+) -> list[dict[str, Any]]:
+    """The verdict table: every claim's evidence at every layer through atoms.verdicts' rules, in the order
+    of PAPER_CLAIMS, then the capacity-vs-data jump from the sweep (not measured without --sweep)."""
+    found: list[tuple[ClaimVerdict, int | None]] = []
+    for lay in layers.values():
+        found += [(verdict(evidence_from_record(r)), lay["layer"]) for r in lay["claims"]]
+    base = {"model": config.model, "norm": "euclidean"}
+    if sweep is None:
+        why = "the capacity-vs-data grid was not run here; `atoms run --sweep` adds it"
+        found.append((unmeasured_verdict("capacity_jump", why, base), None))
+    else:
+        cells = tuple(
+            GridCell(
+                c["n_atoms"],
+                c["tokens"],
+                Interval(
+                    c["r2_train_euclidean"],
+                    *c["r2_train_interval"],
+                    0.95,
+                    "percentile bootstrap",
+                    c["tokens"],
+                ),
+                c["converged"],
+                c["convergence_reason"],
+            )
+            for c in sweep["cells"]
+        )
+        conditions = {
+            **base,
+            "layer": sweep["layer"],
+            "max_steps": sweep["steps"],
+            "target_L0": config.main_l0,
+        }
+        found.append((verdict(JumpEvidence(cells, conditions)), sweep["layer"]))
+    order = {name: i for i, name in enumerate(PAPER_CLAIMS)}
+    found.sort(key=lambda f: (order[f[0].claim], -1 if f[1] is None else f[1]))
+    rows = []
+    for v, layer in found:
+        iv = v.interval
+        rows.append(
+            {
+                "claim": v.claim,
+                "description": PAPER_CLAIMS[v.claim].description,
+                "units": PAPER_CLAIMS[v.claim].units,
+                "layer": layer,
+                "verdict": str(v.verdict),
+                "reason": v.reason,
+                "paper": v.paper,
+                "estimate": None if iv is None else iv.estimate,
+                "low": None if iv is None else iv.low,
+                "high": None if iv is None else iv.high,
+                "conditions": dict(v.conditions),
+            }
+        )
+    return rows
 
 
 def _model_record(config: ExperimentConfig, model: torch.nn.Module) -> dict[str, Any]:
@@ -1372,6 +1891,7 @@ def run_experiment(config: ExperimentConfig | None = None, progress: bool = True
     wall0, cpu0 = time.perf_counter(), time.process_time()
     load_start = _load_average()
     threads = choose_threads(config.threads)
+    budget = _Budget(config.budget_minutes)
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     out_dir = Path(config.output)
@@ -1379,6 +1899,7 @@ def run_experiment(config: ExperimentConfig | None = None, progress: bool = True
     stages: dict[str, Any] = {"layers": {}}
     try:
         with _Progress(progress) as bars:
+            bars.log(f"torch threads: {threads} ({threads_reason(config.threads, threads)})")
             with _timed(stages, "load_model"):
                 model, tokenizer = _load(config)
             model_info = _model_record(config, model)
@@ -1394,8 +1915,10 @@ def run_experiment(config: ExperimentConfig | None = None, progress: bool = True
                 fit_docs, held_docs = split_articles(docs, config.heldout_fraction, seed=config.seed)
                 fit_texts, fit_quota = _spread(fit_docs, tokenizer, config.fit_tokens)
                 held_texts, held_quota = _spread(held_docs, tokenizer, config.heldout_tokens)
+            version = code_version()
             capture_key = _digest(
                 [
+                    version,
                     config.model,
                     layers,
                     config.fit_tokens,
@@ -1423,7 +1946,6 @@ def run_experiment(config: ExperimentConfig | None = None, progress: bool = True
                         seq_len=config.seq_len,
                         batch_size=config.capture_batch,
                         out_dir=work / "capture" / capture_key / part,
-                        shard_tokens=2048,
                         on_shard=lambda _shards, done, update=update: update(completed=done),
                     )
                 update(completed=caps[part].n_tokens)
@@ -1440,6 +1962,7 @@ def run_experiment(config: ExperimentConfig | None = None, progress: bool = True
             )
             results_layers = {}
             loaded: list[int] = []
+            budget.trainings = len(_runs(config)) * len(layers)
             for layer in layers:
                 cached = work / "layers" / layer_key / f"layer_{layer:03d}.json"
                 with _timed(stages["layers"], str(layer)):
@@ -1460,6 +1983,7 @@ def run_experiment(config: ExperimentConfig | None = None, progress: bool = True
                                 out_dir,
                                 config.model,
                                 bars,
+                                budget,
                             )
                         )
                         cached.parent.mkdir(parents=True, exist_ok=True)
@@ -1515,6 +2039,7 @@ def run_experiment(config: ExperimentConfig | None = None, progress: bool = True
         "layers_reason": _layers_reason(config, model_info["n_layers"]),
         "layers": results_layers,
         "summary": _summary(results_layers),
+        "verdicts": _verdicts(results_layers, sweep, config),
         "paper": PAPER,
         "sweep": sweep,
         "phase_transition": phase,
@@ -1527,7 +2052,7 @@ def _phase_plane(config: ExperimentConfig, folder: Path, bars: Any) -> dict[str,
     """Basis pursuit over the (delta, rho) plane at N = phase_atoms, signed and non-negative, beside the
     theoretical curves (`atoms.recovery.phase_transition`); cached in `folder` by its settings."""
     n, grid, trials = config.phase_atoms, config.phase_grid, config.phase_trials
-    cached = folder / f"{_digest([n, grid, trials, config.seed, config.bp_solver])}.json"
+    cached = folder / f"{_digest([n, grid, trials, config.seed, config.bp_solver, code_version()])}.json"
     if cached.is_file():
         bars.log(f"phase transition: loaded from {cached}")
         return json.loads(cached.read_text())
@@ -1585,13 +2110,17 @@ def command_config(
     n_atoms: int | None = None,
     text: Sequence[str | os.PathLike[str]] | None = None,
     output: str | os.PathLike[str] = "atoms-report",
-    device: str = "cpu",
+    device: str = "auto",
     seed: int = 0,
     quick: bool = False,
     sweep: bool = False,
     threads: int | None = None,
+    steps: int | None = None,
+    budget: float | None = None,
 ) -> ExperimentConfig:
     """The ExperimentConfig of `atoms run`'s flags (see `run_command`)."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     overrides: dict[str, Any] = {
         "model": model,
         "output": str(output),
@@ -1609,7 +2138,15 @@ def command_config(
         overrides["heldout_tokens"] = max(512, tokens // 4)
     if text:
         overrides["text_files"] = tuple(str(p) for p in text)
-    return ExperimentConfig.quick(**overrides) if quick else ExperimentConfig(**overrides)
+    if steps is not None:
+        overrides["steps"] = steps
+    if budget is not None:
+        overrides["budget_minutes"] = budget
+    if quick:
+        return ExperimentConfig.quick(**overrides)
+    if torch.device(device).type == "cuda":
+        return ExperimentConfig.gpu(**overrides)
+    return ExperimentConfig(**overrides)
 
 
 def run_command(progress: bool = True, **flags: Any) -> dict[str, Any]:
@@ -1628,10 +2165,12 @@ def run_command(progress: bool = True, **flags: Any) -> dict[str, Any]:
     if progress:
         from rich.console import Console
 
-        from atoms.report import summary_table
+        from atoms.report import summary_table, verdict_lines
 
         console = Console(stderr=True)
         console.print(summary_table(results))
+        for line in verdict_lines(results):
+            print(line, file=sys.stderr)
         console.print(
             f"report: {paths['html']} and {paths['markdown']}; numbers: {paths['json']} "
             f"({results['meta']['wall_seconds']:.0f} s)"

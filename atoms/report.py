@@ -26,7 +26,6 @@ __all__ = [
     "Block",
     "blocks",
     "comparison_rows",
-    "differences",
     "figures",
     "phase_sentences",
     "shift_sentences",
@@ -36,6 +35,8 @@ __all__ = [
     "to_html",
     "to_markdown",
     "training_sentences",
+    "verdict_lines",
+    "verdict_rows",
     "write_report",
 ]
 
@@ -120,6 +121,83 @@ def comparison_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]
     return headers, rows
 
 
+def _interval(row: dict[str, Any]) -> str:
+    if row["estimate"] is None:
+        return "n/a"
+    fmt = (
+        (lambda x: pct(x))
+        if row["units"] == "fraction"
+        else (lambda x: num(x, 4 if row["units"] == "margin" else 2))
+    )
+    return f"{fmt(row['estimate'])} [{fmt(row['low'])}, {fmt(row['high'])}]"
+
+
+def _conditions(row: dict[str, Any]) -> str:
+    keep = ("layer", "norm", "L0", "tokens_seen", "n_atoms", "heldout_tokens")
+    c = row["conditions"]
+    return ", ".join(f"{k} {num(c[k], 1) if isinstance(c[k], float) else c[k]}" for k in keep if k in c)
+
+
+def verdict_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """The verdict table (results["verdicts"], decided by atoms.verdicts): headers and one row per claim and
+    layer."""
+    headers = ["claim", "paper", "ours (95% interval)", "conditions", "verdict", "because"]
+    rows = [
+        [r["description"], r["paper"], _interval(r), _conditions(r), r["verdict"].upper(), r["reason"]]
+        for r in results["verdicts"]
+    ]
+    return headers, rows
+
+
+def verdict_lines(results: dict[str, Any]) -> list[str]:
+    """The verdicts as plain lines (the end of `atoms run`'s output)."""
+    out = ["Verdicts on the paper's claims (rules: atoms.verdicts; details in the report):"]
+    for r in results["verdicts"]:
+        where = "" if r["layer"] is None else f" (layer {r['layer']}, {r['conditions'].get('norm', '')})"
+        out.append(
+            f"  {r['verdict'].upper():12s} {r['claim']}{where}: ours {_interval(r)}, paper {r['paper']}"
+        )
+    return out
+
+
+def _frontier_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    headers = [
+        "layer",
+        "SAE",
+        "target L0",
+        "l0 reached",
+        "R^2 (Euclidean)",
+        "R^2 (AIP)",
+        "q* (quantile)",
+        "spark-certified",
+        "ERC < 1",
+        "BP exact",
+        "converged",
+        "steps",
+    ]
+    rows = []
+    for key, lay in results["layers"].items():
+        for kind, points in lay["frontier"].items():
+            for f in points:
+                rows.append(
+                    [
+                        key,
+                        kind,
+                        num(f["target_l0"], 0),
+                        num(f["l0"], 1),
+                        pct(f["r2_euclidean"]),
+                        pct(f["r2_aip"]),
+                        pct(f["q_star_quantile"]),
+                        pct(f["spark_fraction"]),
+                        pct(f["erc_fraction"]),
+                        pct(f["bp_fraction"]),
+                        "yes" if f["converged"] else "no",
+                        str(f["steps"]),
+                    ]
+                )
+    return headers, rows
+
+
 def _dictionary_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     headers = [
         "layer",
@@ -153,9 +231,15 @@ def _dictionary_table(results: dict[str, Any]) -> tuple[list[str], list[list[str
                     pct(m["q_star_quantile"]),
                     pct(m["q_star_per_sample"]),
                     pct(m["q_star_quantile_euclidean"]),
-                    pct(c["spark_fraction"]),
-                    f"{pct(c['erc_fraction'])} of {c['erc_n']}",
-                    f"{pct(c['bp_fraction'])} of {c['bp_n']}" + _bp_unproven(c),
+                    *(
+                        ["basis: trivially unique"] * 3
+                        if c.get("basis")
+                        else [
+                            pct(c["spark_fraction"]),
+                            f"{pct(c['erc_fraction'])} of {c['erc_n']}",
+                            f"{pct(c['bp_fraction'])} of {c['bp_n']}" + _bp_unproven(c),
+                        ]
+                    ),
                     "n/a" if m["dead_training"] is None else str(m["dead_training"]),
                     str(m["silent_heldout"]),
                 ]
@@ -267,11 +351,13 @@ def _training_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]
         "final recon loss",
         "final l0",
         "seconds",
+        "converged",
     ]
     rows = []
     for key, lay in results["layers"].items():
         for kind in ("features", "atoms"):
             t = lay["dictionaries"][kind]["training"]
+            conv = t["convergence"]
             rows.append(
                 [
                     key,
@@ -284,6 +370,7 @@ def _training_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]
                     num(t["final_recon_loss"], 4),
                     num(t["final_l0"], 1),
                     num(t["seconds"], 0),
+                    f"{'yes' if conv['converged'] else 'no'} ({conv['stopped_by']}): {conv['reason']}",
                 ]
             )
     return headers, rows
@@ -332,23 +419,10 @@ def _sweep_table(sweep: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
 # Sentences
 # ------------------------------------------------------------------------------------------------------------
 
-# Differences smaller than this (absolute, as a fraction) are reported as agreement.
-AGREEMENT = 0.02
-
 
 def _mean(results: dict[str, Any], get: Callable[[dict[str, Any]], float]) -> float:
     values = [get(lay) for lay in results["layers"].values()]
     return sum(values) / len(values)
-
-
-def _still_falling(results: dict[str, Any], kind: str) -> list[str]:
-    """Layers whose reconstruction loss still fell by more than 3% over the last quarter of training."""
-    falling = []
-    for key, lay in results["layers"].items():
-        curve = lay["dictionaries"][kind]["training"]["curve"]["recon_loss"]
-        if curve[-1] < 0.97 * curve[(3 * len(curve)) // 4]:
-            falling.append(key)
-    return falling
 
 
 def shift_sentences(results: dict[str, Any]) -> list[str]:
@@ -406,105 +480,6 @@ def sweep_sentences(sweep: dict[str, Any]) -> list[str]:
     return out
 
 
-def differences(results: dict[str, Any]) -> list[str]:
-    """Plain sentences on where our numbers differ from the paper's by more than AGREEMENT, and why."""
-    s, p = results["summary"], results["paper"]
-    d = results["model"]["d"]
-    first = next(iter(results["layers"].values()))
-    train = first["dictionaries"]["atoms"]["training"]
-    out = []
-
-    a = s["atoms"]
-    if max(abs(a["r2_euclidean"] - p["atoms"]["r2"]), abs(a["r2_aip"] - p["atoms"]["r2"])) > AGREEMENT:
-        falling = _still_falling(results, "atoms")
-        if not falling:
-            trend = "Their reconstruction loss had flattened by the end, at a level this short schedule sets."
-        elif len(falling) == len(results["layers"]):
-            trend = "Their reconstruction loss was still falling when training stopped."
-        else:
-            trend = (
-                f"Their reconstruction loss was still falling at layer(s) {', '.join(falling)} and had "
-                "flattened at the others, at a level this short schedule sets."
-            )
-        out.append(
-            f"Atoms: our TSAEs explain {pct(a['r2_euclidean'])} of the held-out variance in the Euclidean "
-            f"norm and {pct(a['r2_aip'])} in the AIP norm, against the paper's {pct(p['atoms']['r2'])}. "
-            f"Each saw {train['tokens_seen']} training vectors ({num(train['epochs'], 1)} passes over "
-            f"{results['text']['fit_tokens']} tokens in {train['steps']} steps), orders of magnitude fewer "
-            f"than SAEs are usually trained on. {trend} The gap reflects this budget at least in part, "
-            "so it is no evidence against the paper either way. More data (--tokens), more steps "
-            "(ExperimentConfig.steps) or --sweep show how R^2 moves with capacity and data."
-        )
-    if abs(a["q_star_quantile"] - p["atoms"]["q_star"]) > AGREEMENT:
-        k = _mean(results, lambda lay: lay["dictionaries"]["atoms"]["l0_median"])
-        mu = _mean(results, lambda lay: lay["dictionaries"]["atoms"]["median_sample_coherence"])
-        bound = 1 / (2 * max(1, round(k)) - 1)
-        out.append(
-            f"Atoms: q* is {pct(a['q_star_quantile'])} (quantile form) and {pct(a['q_star_per_sample'])} "
-            f"(per-sample form) against the paper's {pct(p['atoms']['q_star'])}. The condition "
-            f"mu_i < 1/(2K - 1) needs small supports: at our median l0 of {k:.0f} atoms the bound is "
-            f"{bound:.4f}, while the median per-sample coherence is {mu:.3f}. In d = {d} even random unit "
-            f"vectors have |cos| of order 1/sqrt(d) = {1 / math.sqrt(d):.3f}, so a support of more than a "
-            "few atoms cannot meet it. The paper's value implies much sparser codes than ours, or a wider "
-            "model (Gemma2-2B has d = 2304); our sparsity penalty and training length are the first things "
-            "to change."
-        )
-    n = s["neurons"]
-    if abs(n["q_star_quantile"] - p["neurons"]["q_star"]) > AGREEMENT:
-        out.append(
-            f"Neurons: q* is {pct(n['q_star_quantile'])} against the paper's {pct(p['neurons']['q_star'])}."
-        )
-    neuron_euclid = _mean(results, lambda lay: lay["dictionaries"]["neurons"]["q_star_quantile_euclidean"])
-    if neuron_euclid > 0.9:
-        near = "close to" if abs(n["q_star_quantile"] - p["neurons"]["q_star"]) <= AGREEMENT else "against"
-        out.append(
-            f"Neurons: with atoms normalised in the Euclidean norm the neuron basis is orthonormal and its "
-            f"q* is {pct(neuron_euclid)}; only under the AIP (whitened axes, far from orthogonal) does it "
-            f"fall to {pct(n['q_star_quantile'])}, {near} the paper's {pct(p['neurons']['q_star'])}. "
-            "So the paper's neuron q* must be measured in the AIP geometry, "
-            "the convention of this report's q* columns."
-        )
-    f = s["features"]
-    l0_f = _mean(results, lambda lay: lay["dictionaries"]["features"]["l0"])
-    n_features = first["dictionaries"]["features"]["n_atoms"]
-    if abs(f["r2_euclidean"] - p["features"]["r2"]) > AGREEMENT:
-        direction = "more" if f["r2_euclidean"] > p["features"]["r2"] else "less"
-        why = (
-            f"Those were JumpReLU and TopK SAEs of much larger models; ours is a ReLU SAE with a mean l0 of "
-            f"{l0_f:.0f} of {n_features} latents on a model of {results['model']['parameters'] / 1e6:.0f}M "
-            "parameters."
-            if direction == "more"
-            else "Ours is trained as briefly as the atoms, which alone can explain the gap."
-        )
-        out.append(
-            f"Features: our ReLU SAEs explain {pct(f['r2_euclidean'])} of the variance in the Euclidean "
-            f"norm, {direction} than the paper's {pct(p['features']['r2'])} for GemmaScope and "
-            f"LlamaScope. {why}"
-        )
-    if f["r2_aip"] < f["r2_euclidean"] - 0.1 and a["r2_aip"] > f["r2_aip"]:
-        out.append(
-            f"R^2 depends on the norm: the features explain {pct(f['r2_euclidean'])} in the Euclidean norm "
-            f"but {pct(f['r2_aip'])} in the AIP norm, the atoms {pct(a['r2_euclidean'])} and "
-            f"{pct(a['r2_aip'])}. An SAE trained in the Euclidean norm spends its latents on the "
-            "high-variance directions and neglects the low-variance ones, which the AIP weighs as much. "
-            "The paper does not say which norm its R^2 uses (SPEC section 5), so part of its contrast "
-            "between features and atoms may come from the norm."
-        )
-    if abs(f["q_star_quantile"] - p["features"]["q_star"]) > AGREEMENT:
-        out.append(
-            f"Features: q* is {pct(f['q_star_quantile'])} against the paper's "
-            f"{pct(p['features']['q_star'])}: with a mean l0 of {l0_f:.0f}, a sample must keep "
-            f"mu_i < 1/(2K - 1) = {1 / (2 * max(1, round(l0_f)) - 1):.5f}, which only the sparsest "
-            "supports can."
-        )
-    return out
-
-
-# A jump of the sampled training curve counts as aliasing when it is this many times the typical move between
-# neighbouring points that lie on steps of the same parity.
-_ALIAS_RATIO = 3.0
-
-
 def _parity_jumps(
     steps: Sequence[int], values: Sequence[float], after: int
 ) -> tuple[list[int], float] | None:
@@ -534,6 +509,11 @@ def _parity_jumps(
         return None
     mean_gap = sum(gap for _, gap in passages) / len(passages)
     return [s1 for s1, _ in passages], math.exp(-mean_gap)
+
+
+# A jump of the sampled training curve counts as aliasing when it is this many times the typical move between
+# neighbouring points that lie on steps of the same parity.
+_ALIAS_RATIO = 3.0
 
 
 def training_sentences(results: dict[str, Any]) -> list[str]:
@@ -624,7 +604,7 @@ def _bar(value: float) -> tuple[float, str]:
 
 
 # Panels of the dictionaries figure: (metric path, title, paper key or None). q* is 0 for every dictionary
-# at this scale (see the differences above), so its panels would be empty; the proven fractions show what
+# at this scale (see the verdict table), so its panels would be empty; the proven fractions show what
 # is certified instead.
 _DICTIONARY_PANELS = (
     (("r2_euclidean",), "R^2 (Euclidean)", "r2"),
@@ -727,12 +707,34 @@ def _training_figure(results: dict[str, Any]) -> bytes:
             style = {"ls": ls, "color": f"C{n}", "label": f"layer {key} {kind}"}
             axes[0][0].plot(curve["step"], curve["recon_loss"], **style)
             axes[0][1].plot(curve["step"], curve["l0"], **style)
+            val = lay["dictionaries"][kind]["training"]["convergence"]["validation"]
+            axes[0][0].plot(val["step"], val["recon_loss"], ".", color=f"C{n}", ms=4)
+            axes[0][1].plot(val["step"], val["l0"], ".", color=f"C{n}", ms=4)
     axes[0][0].set_title("reconstruction loss (unit mean squared input)", fontsize=10)
     axes[0][1].set_title("mean l0 of the training batch", fontsize=10)
     for ax in axes[0]:
         ax.set_yscale("log")
         ax.set_xlabel("step")
         ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def _frontier_figure(results: dict[str, Any]) -> bytes:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 3.4))
+    for n, (key, lay) in enumerate(results["layers"].items()):
+        for kind, marker in (("features", "s"), ("atoms", "o")):
+            points = sorted(lay["frontier"][kind], key=lambda f: f["l0"])
+            l0 = [f["l0"] for f in points]
+            for norm, ls in (("r2_euclidean", "-"), ("r2_aip", "--")):
+                label = f"layer {key} {kind}" if norm == "r2_euclidean" else None
+                ax.plot(l0, [100 * f[norm] for f in points], ls, marker=marker, color=f"C{n}", label=label)
+    ax.set_xscale("log")
+    ax.set_xlabel("mean l0 on held-out tokens")
+    ax.set_ylabel("held-out R^2 (%)")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     return _png(fig)
 
@@ -836,6 +838,7 @@ def figures(results: dict[str, Any]) -> dict[str, bytes]:
         "dictionaries": _dictionary_figure(results),
         "q_star": _qstar_figure(results),
         "training": _training_figure(results),
+        "frontier": _frontier_figure(results),
     }
     if results.get("sweep"):
         out["sweep"] = _sweep_figure(results["sweep"])
@@ -947,6 +950,17 @@ def blocks(results: dict[str, Any]) -> list[Block]:
             f"thread(s) on {meta['cores']} cores, load average {meta['load_average_start'][0]} at the "
             "start). Every number here is in results.json beside its definition." + _loaded(meta),
         ),
+        Block("h2", "Verdicts"),
+        Block(
+            "p",
+            "One row per claim of the paper (and per layer and norm where ours is measured that way). "
+            "The verdict follows the stated rules of atoms.verdicts (SPEC section 8): holds when our 95% "
+            "interval lies within the claim's margin of the paper's value (or on the claimed side of its "
+            "inequality), fails when it lies outside with training converged by the plateau rule, and is "
+            "inconclusive otherwise, with the reason. Intervals: bootstrap over held-out samples, and over "
+            "training seeds where training is involved.",
+        ),
+        Block("table", verdict_rows(results)),
         Block("h2", "Setup"),
         Block("list", _setup(results)),
         Block("h2", "Ours beside the paper"),
@@ -957,8 +971,6 @@ def blocks(results: dict[str, Any]) -> list[Block]:
         ),
         Block("table", comparison_rows(results)),
     ]
-    diffs = differences(results)
-    out.append(Block("list", diffs) if diffs else Block("p", "Our numbers agree with the paper's."))
     out += [
         Block("h2", "Representation shift"),
         Block(
@@ -991,6 +1003,17 @@ def blocks(results: dict[str, Any]) -> list[Block]:
             ),
         ),
         Block("figure", ("q_star", "Per-sample coherence against support size for a random subsample.")),
+        Block("h2", "Sparsity as a dimension: the R^2-vs-L0 frontier"),
+        Block(
+            "p",
+            "q* depends on L0 and the paper does not state its K, so features and atoms are trained to "
+            "several target L0s (the target-L0 controller adapts the sparsity coefficient), first seed "
+            "each; q* and the certified fractions along the frontier.",
+        ),
+        Block("table", _frontier_table(results)),
+        Block(
+            "figure", ("frontier", "Held-out R^2 (Euclidean solid, AIP dashed) against the mean L0 reached.")
+        ),
         Block("h2", "The theorems on the trained dictionaries"),
         Block(
             "p",
@@ -1014,8 +1037,9 @@ def blocks(results: dict[str, Any]) -> list[Block]:
             "figure",
             (
                 "training",
-                "Training curves (features dashed, atoms solid). The features' loss is Euclidean and the "
-                "atoms' is in the AIP norm, so only the shapes compare across the two.",
+                "Training curves at the main sparsity, first seed (features dashed, atoms solid; means over "
+                "bins of steps), and the validation loss the plateau rule reads (dots). The features' loss "
+                "is Euclidean and the atoms' is in the AIP norm, so only the shapes compare across the two.",
             ),
         ),
     ]

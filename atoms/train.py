@@ -695,6 +695,7 @@ def train(
     checkpoint_dir: str | Path | None = None,
     progress: bool = True,
     callback: Callable[[StepStats], None] | None = None,
+    stop: Callable[[StepStats], bool] | None = None,
 ) -> TrainResult:
     """Train `model` for config.steps steps on raw activations; returns the per-step history.
 
@@ -706,7 +707,9 @@ def train(
     config.checkpoint_every steps and at the end; an iterator must then replay the same batches from its
     start on every call (its first `taken` batches are skipped).
     `callback(stats)` runs after each step (and after that step's checkpoint); an exception it raises stops
-    the run, resumable from the last checkpoint.
+    the run, resumable from the last checkpoint. `stop(stats)`, asked after each step before its
+    checkpoint, ends the run early when it returns True (e.g. a plateau rule, `atoms.fit`): that step is
+    checkpointed and the result holds the steps so far.
 
     Under torchrun (an initialised process group), call `train` on every rank with the same model
     construction, activations and config; see the module docstring. checkpoint_dir must be a directory every
@@ -738,13 +741,15 @@ def train(
     while state.step < config.steps:
         stats = train_step(model, optimizer, source.next(), state, scaled=scaled)
         history.append(stats)
-        if ckpt_dir is not None and (state.step % config.checkpoint_every == 0 or state.step == config.steps):
+        stopping = stop is not None and bool(stop(stats))
+        last = stopping or state.step == config.steps
+        if ckpt_dir is not None and (state.step % config.checkpoint_every == 0 or last):
             if rank == 0:
                 _save_checkpoint(ckpt_dir, model, optimizer, state, source, history)
             if is_distributed():
                 # No rank runs ahead of (or reports past) a checkpoint that is not yet on disk.
                 dist.barrier()
-        if progress and rank == 0 and (state.step % config.log_every == 0 or state.step == config.steps):
+        if progress and rank == 0 and (state.step % config.log_every == 0 or last):
             print(
                 f"step {stats.step}/{config.steps}  loss {stats.loss:.4g}  recon {stats.recon_loss:.4g}  "
                 f"l0 {stats.l0:.1f}  dead {stats.dead}  lambda {stats.coefficient:.3g}",
@@ -752,6 +757,8 @@ def train(
             )
         if callback is not None:
             callback(stats)
+        if stopping:
+            break
 
     device = model.W_dec.device
     columns = {

@@ -52,6 +52,7 @@ __all__ = [
     "Verdict",
     "direction_verdict",
     "jump_verdict",
+    "unmeasured_verdict",
     "value_verdict",
     "verdict",
     "verdict_table",
@@ -561,6 +562,18 @@ def jump_verdict(ev: JumpEvidence) -> ClaimVerdict:
         if rows[t][-1].n_atoms < JUMP_SPAN_RATIO * t and rows[t][-1].r2.low < JUMP_HIGH_MIN
     ]
     return row(Verdict.INCONCLUSIVE, "; ".join(missing + short))
+
+
+def unmeasured_verdict(claim: str, why: str, conditions: Mapping[str, Any] | None = None) -> ClaimVerdict:
+    """Inconclusive: the run measured nothing for `claim`; `why` says what was not run and how to run it."""
+    known = PAPER_CLAIMS.get(claim)
+    if known is None:
+        raise BadInputError(f"unknown claim {claim!r}; known: {sorted(PAPER_CLAIMS)}.")
+    if not why:
+        raise BadInputError("say why the claim was not measured (what was not run, and how to run it).")
+    return ClaimVerdict(
+        claim, Verdict.INCONCLUSIVE, f"not measured: {why}", known.paper(), None, dict(conditions or {})
+    )
 
 
 def verdict(ev: ClaimEvidence | JumpEvidence) -> ClaimVerdict:

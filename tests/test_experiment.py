@@ -23,7 +23,7 @@ import pytest
 import torch
 from tiny_models import byte_tokenizer, tiny_llama
 
-import atoms.experiment as experiment
+import atoms.fit
 from atoms.activations import Tokens
 from atoms.aip import AIP
 from atoms.cards import Card, choose_latents, make_cards
@@ -79,6 +79,12 @@ def tiny_config(model: Path, files: list[str], output: Path, **overrides) -> Exp
         "seq_len": 64,
         "steps": 30,
         "batch_size": 64,
+        "l0_targets": (4.0, 8.0),
+        "main_l0": 8.0,
+        "seeds": 2,
+        "eval_every": 5,
+        "min_steps": 10,
+        "plateau_window": 3,
         "lr_warmup_steps": 5,
         "sparsity_warmup_steps": 10,
         "angle_vectors": 200,
@@ -259,22 +265,24 @@ def test_other_settings_in_the_same_folder_start_fresh_work(run, tiny, tmp_path)
 
 
 def test_an_interrupted_run_resumes_and_matches_an_uninterrupted_one(run, tiny, tmp_path, monkeypatch):
-    """Stop the first training at step 17 (after the step-15 checkpoint), rerun: same final numbers."""
+    """Stop the first training at step 27 (after the step-25 checkpoint), rerun: same final numbers."""
     reference_config, reference = run
     config = tiny_config(*tiny, tmp_path / "out", sweep=False)
-    real_train = experiment.train
+    real_train = atoms.fit.train
     state = {"armed": True}
 
-    def interrupted(model, x, tc, checkpoint_dir=None, progress=True, callback=None):
-        def stop(stats):
+    def interrupted(model, x, tc, checkpoint_dir=None, progress=True, callback=None, stop=None):
+        def tick(stats):
             callback(stats)
-            if state["armed"] and stats.step == 17:
+            if state["armed"] and stats.step == 27:
                 state["armed"] = False
                 raise KeyboardInterrupt
 
-        return real_train(model, x, tc, checkpoint_dir=checkpoint_dir, progress=progress, callback=stop)
+        return real_train(
+            model, x, tc, checkpoint_dir=checkpoint_dir, progress=progress, callback=tick, stop=stop
+        )
 
-    monkeypatch.setattr(experiment, "train", interrupted)
+    monkeypatch.setattr(atoms.fit, "train", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run_experiment(config, progress=False)
     assert not state["armed"]
@@ -295,11 +303,11 @@ def test_an_interrupted_run_resumes_and_matches_an_uninterrupted_one(run, tiny, 
 
 def test_command_flags_build_the_config():
     config = command_config(layers="2, 4", tokens=1024, text=["a.txt"], output=Path("x"), threads=1)
-    assert config.preset == "default" and config.layers == (2, 4) and config.steps == 240
+    assert config.preset == "default" and config.layers == (2, 4) and config.steps == 3000
     assert config.fit_tokens == 1024 and config.heldout_tokens == 512
     assert config.text_files == ("a.txt",) and config.output == "x" and config.threads == 1
     quick = command_config(quick=True, n_atoms=64, seed=3, sweep=True)
-    assert quick.preset == "quick" and quick.layers == (3,) and quick.steps == 100
+    assert quick.preset == "quick" and quick.layers == (3,) and quick.steps == 800
     assert (quick.n_atoms, quick.seed, quick.sweep) == (64, 3, True)
     assert command_config(tokens=40_000).heldout_tokens == 10_000
 
@@ -309,7 +317,7 @@ def test_run_command_runs_and_writes_the_report(tiny, tmp_path):
     results = run_command(
         model=str(model), tokens=1024, text=files, output=tmp_path / "q", quick=True, progress=False
     )
-    assert results["meta"]["config"]["preset"] == "quick" and results["meta"]["config"]["steps"] == 100
+    assert results["meta"]["config"]["preset"] == "quick" and results["meta"]["config"]["steps"] == 800
     assert results["meta"]["command"].startswith("atoms run --quick")
     assert "--tokens 1024" in results["meta"]["command"]
     for name in ("report.md", "report.html", "results.json"):

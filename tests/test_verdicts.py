@@ -261,3 +261,16 @@ def test_verdict_table_orders_and_dispatches():
 def test_bad_evidence(call, match):
     with pytest.raises(BadInputError, match=match):
         call()
+
+
+def test_unmeasured_claims_are_inconclusive_with_the_reason():
+    from atoms.verdicts import unmeasured_verdict
+
+    row = unmeasured_verdict("capacity_jump", "the grid was not run (atoms run --sweep)", {"layer": 9})
+    assert row.verdict == Verdict.INCONCLUSIVE
+    assert row.reason == "not measured: the grid was not run (atoms run --sweep)"
+    assert row.interval is None and row.conditions == {"layer": 9}
+    with pytest.raises(BadInputError, match="unknown claim"):
+        unmeasured_verdict("r2_of_everything", "x")
+    with pytest.raises(BadInputError, match="say why"):
+        unmeasured_verdict("capacity_jump", "")
