@@ -103,7 +103,7 @@ class PeakMemory:
         if not torch.cuda.is_available() and not os.access("/proc/self/clear_refs", os.W_OK):
             return None
         env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(64 * 1024)}
-        args = [sys.executable, "-c", _CHILD, str(path), factory, json.dumps(calls)]
+        args = [sys.executable, "-P", "-c", _CHILD, str(path), factory, json.dumps(calls)]
         done = subprocess.run(args, env=env, capture_output=True, text=True, check=False)
         if done.returncode != 0:
             raise RuntimeError(f"peak-memory child failed ({done.returncode}):\n{done.stderr[-4000:]}")
