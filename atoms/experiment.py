@@ -194,7 +194,7 @@ class ExperimentConfig:
     """Training seeds at main_l0; the other sparsities train one seed."""
     eval_every: int = 100
     """Steps between evaluations of the held-out validation loss (the plateau rule's input)."""
-    plateau_window: int = 5
+    plateau_window: int = 10
     """Evaluations the plateau rule compares (atoms.convergence.PlateauRule.window)."""
     plateau_tol: float = 0.01
     """Largest relative fall of the validation loss over the window that counts as a plateau."""
@@ -205,7 +205,7 @@ class ExperimentConfig:
     validation_fraction: float = 0.1
     """Fraction of the fit tokens held out of training to evaluate the plateau rule on (the held-out
     articles stay untouched for the metrics)."""
-    target_l0_gain: float = 0.02
+    target_l0_gain: float = 0.01
     """Gain of the target-L0 controller (TrainConfig.target_l0_gain)."""
     budget_minutes: float | None = None
     """Wall-clock budget of the whole run; the SAE trainings share what is left after the capture, and one
