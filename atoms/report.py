@@ -153,7 +153,9 @@ def verdict_lines(results: dict[str, Any]) -> list[str]:
     """The verdicts as plain lines (the end of `atoms run`'s output)."""
     out = ["Verdicts on the paper's claims (rules: atoms.verdicts; details in the report):"]
     for r in results["verdicts"]:
-        where = "" if r["layer"] is None else f" (layer {r['layer']}, {r['conditions'].get('norm', '')})"
+        parts = [f"layer {r['layer']}"] if r["layer"] is not None else []
+        parts += [r["conditions"]["norm"]] if "norm" in r["conditions"] else []
+        where = f" ({', '.join(parts)})" if parts else ""
         out.append(
             f"  {r['verdict'].upper():12s} {r['claim']}{where}: ours {_interval(r)}, paper {r['paper']}"
         )
