@@ -1072,7 +1072,8 @@ def _fit_sae(
     fit = fit_to_plateau(
         model, train_x, val_x, tc, rule, checkpoint_dir=folder, deadline=deadline, callback=tick
     )
-    update(completed=tc.steps)
+    steps = int(fit.result.loss.numel())
+    update(total=steps, completed=steps, description=f"{label}: stopped by {fit.stopped_by} at step {steps}")
     return fit, time.perf_counter() - start
 
 

@@ -67,9 +67,11 @@ CHECKPOINT_VERSION = 1
 _RESUMABLE_CHANGES = ("steps", "checkpoint_every", "keep_checkpoints", "log_every")
 # StepStats fields that TrainResult returns as per-step tensors.
 _HISTORY = ("loss", "recon_loss", "sparsity_loss", "l0", "dead", "coefficient", "lr", "sparse")
-# The sparse path is chosen when the previous step's mean L0 is at most this fraction of n_atoms: the
-# crossover measured by benchmarks/test_train_step.py (README), with margin towards the dense side.
-SPARSE_MAX_DENSITY = 0.1
+# The sparse path is chosen when the previous step's mean L0 is at most this fraction of n_atoms. Measured
+# at 4096 x 576 x 2304 fp32 on 2 cores (benchmarks/test_train_step.py, docs/benchmarks.md): the sparse step
+# took 75, 91 and 134 ms at L0 0.5%, 1% and 3%, about 63 ms plus 24 ms per percent, the dense one 266-292 ms
+# at any L0: they cross near 9%, extrapolated; 8% keeps a margin towards the dense side.
+SPARSE_MAX_DENSITY = 0.08
 # `TrainConfig.whiten_once=None` whitens a tensor of activations up front when the copy is at most this.
 WHITEN_ONCE_MAX_BYTES = 8 * 2**30
 # Decoder rows further than this from unit norm are folded into the encoder before training. Rows that

@@ -19,7 +19,7 @@ solver's. Targets (issue 8, reported not asserted): batched >= 50 x cvxpy-clarab
 throughput, with identical decisions.
 
 `test_scaling` times the batched solver alone over batch sizes and problem sizes (sparsity 0.15 d) for the
-README's scaling table.
+the scaling table of docs/benchmarks.md.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Every row is (id, where, call, error class, what-is-wrong regex, fix regex). The test runs the call and checks
 the class and both regexes against the message. `python tests/test_bad_input.py` prints the same table as
-Markdown from the messages actually raised (for the README).
+Markdown from the messages actually raised (for docs/operations.md).
 """
 
 from __future__ import annotations
@@ -726,7 +726,7 @@ def test_ids_are_unique():
 
 
 def markdown() -> str:
-    """The table for the README, from the messages the calls raise now."""
+    """The table for docs/operations.md, from the messages the calls raise now."""
     lines = ["| bad input | where | error | message (what is wrong, and the fix) |", "|---|---|---|---|"]
     with tempfile.TemporaryDirectory() as root:
         ctx = Ctx(Path(root))

@@ -465,17 +465,29 @@ def test_choose_latents_and_card_errors():
 
 
 def test_readme_tables_print_from_results_json(run, tmp_path):
-    """docs/readme_tables.py turns a run's results.json into README's two main-job tables, one row per
-    dictionary (and per layer), with the numbers of the run."""
+    """docs/readme_tables.py turns a run's results.json into README's main-job tables: the verdict table
+    first (one row per claim, the report's cells), then one row per dictionary (and per layer), with the
+    numbers of the run; the neurons' certified cells say they are a basis. Without verdicts (a results.json
+    from before them) it prints the other two tables."""
     _, results = run
-    path = tmp_path / "results.json"
-    path.write_text(json.dumps(results))
     script = Path(__file__).resolve().parents[1] / "docs" / "readme_tables.py"
-    out = subprocess.run(
-        [sys.executable, "-P", str(script), str(path)], capture_output=True, text=True, check=True
-    ).stdout
-    headline, bp = out.strip().split("\n\n")
+
+    def tables(results):
+        path = tmp_path / "results.json"
+        path.write_text(json.dumps(results))
+        out = subprocess.run(
+            [sys.executable, "-P", str(script), str(path)], capture_output=True, text=True, check=True
+        ).stdout
+        return out.strip().split("\n\n")
+
+    verdicts, headline, bp = tables(results)
+    assert len(verdicts.splitlines()) == 2 + len(results["verdicts"])
+    first = results["verdicts"][0]
+    assert first["description"].replace("|", "\\|") in verdicts.splitlines()[2]
+    assert first["verdict"].upper() in verdicts.splitlines()[2]
     assert len(headline.splitlines()) == 2 + 3
     assert len(bp.splitlines()) == 2 + 3 * len(results["layers"])
     atoms_r2 = f"{100 * results['summary']['atoms']['r2_euclidean']:.1f}%"
     assert atoms_r2 in headline.splitlines()[2]
+    assert [line for line in bp.splitlines() if "| neurons |" in line and "basis (trivially unique)" in line]
+    assert len(tables({k: v for k, v in results.items() if k != "verdicts"})) == 2
