@@ -1458,7 +1458,9 @@ def _layer(
     result["seeds"] = [
         {k: v for k, v in r.items() if k != "stats"} for kind in per_seed for r in per_seed[kind]
     ]
-    result["claims"] = _claims(layer, config, n_atoms, d, angles, neuron_q, per_seed, fit_cap, dics)
+    result["claims"] = _claims(
+        layer, config, n_atoms, d, angles, neuron_q, per_seed, fit_cap, dics, int(h.shape[0])
+    )
 
     with _timed(seconds, "cards"):
         result["cards"] = {
@@ -1570,9 +1572,10 @@ def _claims(
     per_seed: dict[str, list[dict[str, Any]]],
     fit_cap: Capture,
     dics: dict[str, dict[str, Any]],
+    heldout_tokens: int,
 ) -> list[dict[str, Any]]:
     """Every claim's evidence at this layer (atoms.evidence.claim_record), for the verdict rules."""
-    base = {"model": config.model, "layer": layer, "heldout_tokens": int(dics["neurons"]["q_star_samples"])}
+    base = {"model": config.model, "layer": layer, "heldout_tokens": heldout_tokens}
     size = Premise(
         "dictionary size 4d, as the paper's",
         n_atoms == 4 * d,
@@ -1591,7 +1594,11 @@ def _claims(
         claim_record(
             "euclidean_angles_off_90", seed_interval([angles["euclidean"]]), {**base, "norm": "euclidean"}
         ),
-        claim_record("q_star_neurons", seed_interval([neuron_q]), {**base, "L0": dics["neurons"]["l0"]}),
+        claim_record(
+            "q_star_neurons",
+            seed_interval([neuron_q]),
+            {**base, "L0": dics["neurons"]["l0"], "q_star_samples": dics["neurons"]["q_star_samples"]},
+        ),
     ]
     wanted = {
         "atoms": [
@@ -1625,7 +1632,10 @@ def _claims(
                 claim_record(
                     claim,
                     interval,
-                    {**conditions, "norm": norm},
+                    {**conditions, "norm": norm}
+                    | (
+                        {"q_star_samples": dics[kind]["q_star_samples"]} if claim.startswith("q_star") else {}
+                    ),
                     converged=converged,
                     convergence_reason=reasons,
                     seeds=len(seeds),

@@ -133,7 +133,7 @@ def _interval(row: dict[str, Any]) -> str:
 
 
 def _conditions(row: dict[str, Any]) -> str:
-    keep = ("layer", "norm", "L0", "tokens_seen", "n_atoms", "heldout_tokens")
+    keep = ("layer", "norm", "L0", "tokens_seen", "n_atoms", "heldout_tokens", "q_star_samples")
     c = row["conditions"]
     return ", ".join(f"{k} {num(c[k], 1) if isinstance(c[k], float) else c[k]}" for k in keep if k in c)
 
