@@ -3,9 +3,12 @@
     .venv/bin/atoms run --output atoms-report
     .venv/bin/python -P docs/readme_tables.py atoms-report/results.json
 
-Prints the headline table (means over layers beside the paper's values) and the basis-pursuit table (per
-layer and dictionary: l0, spark-certified fraction, proven recovery with its Wilson 95% interval, flagged,
-failed, seconds), in the column order README uses.
+Prints, each as a Markdown table and separated by a blank line: the verdict table first (one row per claim:
+description, the paper's value, ours with its 95% interval, conditions, verdict, reason; the cells the
+report uses, from `atoms.report.verdict_rows`), then the headline table (means over layers beside the
+paper's values) and the basis-pursuit table (per layer and dictionary: l0, spark-certified fraction, proven
+recovery with its Wilson 95% interval, flagged, failed, seconds). A results.json without verdicts (from
+before the verdict table) prints the other two alone.
 """
 
 from __future__ import annotations
@@ -14,12 +17,28 @@ import json
 import sys
 from pathlib import Path
 
+from atoms.report import verdict_rows
+
 NAMES = {"neurons": "neurons", "features": "features (ReLU SAE)", "atoms": "atoms (TSAE)"}
 HEADLINE_NAMES = {"atoms": "atoms (TSAE, AIP)", "neurons": "neurons", "features": "features (ReLU SAE)"}
 
 
 def pct(value: float) -> str:
     return f"{100 * value:.1f}%"
+
+
+def markdown(headers: list[str], rows: list[list[str]]) -> list[str]:
+    """A Markdown table; a "|" inside a cell is escaped so that it stays one cell."""
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(str(cell).replace("|", "\\|") for cell in cells) + " |"
+
+    return [line(headers), "|" + "---|" * len(headers), *(line(row) for row in rows)]
+
+
+def verdicts(results: dict) -> list[str]:
+    """The verdict table, one row per claim (and layer), with the report's cells."""
+    return markdown(*verdict_rows(results))
 
 
 def headline(results: dict) -> list[str]:
@@ -55,23 +74,30 @@ def basis_pursuit(results: dict) -> list[str]:
         for name, label in NAMES.items():
             stats = entry["dictionaries"][name]
             cert = stats["certified"]
-            cells = [
-                layer,
-                label,
-                f"{stats['l0']:.0f}",
-                pct(cert["spark_fraction"]),
-                recovery(cert),
-                str(cert["bp_flagged"]),
-                str(cert["bp_failed"]),
-                f"{cert['seconds']:.2g}",
-            ]
+            # The neurons form a basis: every code is its activation's unique representation, so their
+            # certified fractions say nothing comparable to the SAEs' (results.json, certified.basis).
+            certified = (
+                ["basis (trivially unique)"] * 2 + [""] * 3
+                if cert.get("basis")
+                else [
+                    pct(cert["spark_fraction"]),
+                    recovery(cert),
+                    str(cert["bp_flagged"]),
+                    str(cert["bp_failed"]),
+                    f"{cert['seconds']:.2g}",
+                ]
+            )
+            cells = [layer, label, f"{stats['l0']:.0f}", *certified]
             rows.append(f"| {' | '.join(cells)} |")
     return rows
 
 
 def main(path: str) -> None:
     results = json.loads(Path(path).read_text())
-    print("\n".join([*headline(results), "", *basis_pursuit(results)]))
+    tables = [headline(results), basis_pursuit(results)]
+    if "verdicts" in results:
+        tables.insert(0, verdicts(results))
+    print("\n\n".join("\n".join(table) for table in tables))
 
 
 if __name__ == "__main__":
