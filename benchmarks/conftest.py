@@ -32,6 +32,7 @@ def status(field):
 
 
 path, factory, calls = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+sys.path.insert(0, path.rsplit("/", 1)[0])  # the benchmark's own folder, as pytest puts it there
 spec = importlib.util.spec_from_file_location("_peak_memory_target", path)
 module = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(module)

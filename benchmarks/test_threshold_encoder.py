@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from naive_jumprelu import NaiveJumpReLU, NaiveStep, saelens_missing
 
 from atoms.kernels import backend, threshold_encode
 
@@ -58,48 +59,6 @@ def _inputs(shape: str, dtype: str, seed: int = 0) -> dict[str, torch.Tensor]:
         "theta": (1.5 + torch.rand(n_atoms, generator=gen)).to(DEVICE),
         "g": torch.randn(batch, n_atoms, generator=gen).to(**cast),
     }
-
-
-def _rectangle(u: torch.Tensor) -> torch.Tensor:
-    return (u.abs() <= 0.5).to(u.dtype)
-
-
-class _NaiveJumpReLU(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, z, theta, bandwidth):
-        ctx.save_for_backward(z, theta)
-        ctx.bandwidth = bandwidth
-        return z * (z > theta)
-
-    @staticmethod
-    def backward(ctx, grad):
-        z, theta = ctx.saved_tensors
-        window = _rectangle((z - theta) / ctx.bandwidth)
-        grad_theta = -(theta / ctx.bandwidth) * window * grad
-        return (z > theta) * grad, grad_theta.sum(0), None
-
-
-class _NaiveStep(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, z, theta, bandwidth):
-        ctx.save_for_backward(z, theta)
-        ctx.bandwidth = bandwidth
-        return (z > theta).to(z.dtype)
-
-    @staticmethod
-    def backward(ctx, grad):
-        z, theta = ctx.saved_tensors
-        grad_theta = -(1.0 / ctx.bandwidth) * _rectangle((z - theta) / ctx.bandwidth) * grad
-        return None, grad_theta.sum(0), None
-
-
-def saelens_missing() -> str | None:
-    """Why the SAELens variant cannot run here, or None when it can."""
-    try:
-        import sae_lens  # noqa: F401
-    except ImportError as err:
-        return f"sae-lens is not installed ({err}); install the `peers` extra: pip install -e '.[peers]'"
-    return None
 
 
 def _saelens_sae(t: dict[str, torch.Tensor], bandwidth: float) -> torch.nn.Module:
@@ -154,8 +113,8 @@ def _forward(
         def run_naive():
             z = (t["x"] - b_dec) @ W + b_enc
             theta_z = theta.to(z.dtype)
-            l0 = _NaiveStep.apply(z, theta_z, bandwidth).sum(-1)
-            return _NaiveJumpReLU.apply(z, theta_z, bandwidth), (L0_COEFFICIENT * l0).mean()
+            l0 = NaiveStep.apply(z, theta_z, bandwidth).sum(-1)
+            return NaiveJumpReLU.apply(z, theta_z, bandwidth), (L0_COEFFICIENT * l0).mean()
 
         return run_naive, params
     if variant == "ours":

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from naive_jumprelu import NaiveJumpReLU, NaiveStep, saelens_missing
 
 from atoms.train import TrainConfig, TrainState, make_optimizer, train_step
 from atoms.tsae import TSAE
@@ -72,54 +73,13 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def _rectangle(u: torch.Tensor) -> torch.Tensor:
-    return (u.abs() <= 0.5).to(u.dtype)
-
-
-class _JumpReLU(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, z, theta, bandwidth):
-        ctx.save_for_backward(z, theta)
-        ctx.bandwidth = bandwidth
-        return z * (z > theta)
-
-    @staticmethod
-    def backward(ctx, grad):
-        z, theta = ctx.saved_tensors
-        grad_theta = -(theta / ctx.bandwidth) * _rectangle((z - theta) / ctx.bandwidth) * grad
-        return (z > theta) * grad, grad_theta.sum(0), None
-
-
-class _Step(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, z, theta, bandwidth):
-        ctx.save_for_backward(z, theta)
-        ctx.bandwidth = bandwidth
-        return (z > theta).to(z.dtype)
-
-    @staticmethod
-    def backward(ctx, grad):
-        z, theta = ctx.saved_tensors
-        grad_theta = -(1.0 / ctx.bandwidth) * _rectangle((z - theta) / ctx.bandwidth) * grad
-        return None, grad_theta.sum(0), None
-
-
 def _plain_loss(x, W_enc, b_enc, W_dec, b_dec, theta):
     z = (x - b_dec) @ W_enc + b_enc
     theta_z = theta.to(z.dtype)
-    codes = _JumpReLU.apply(z, theta_z, BANDWIDTH)
+    codes = NaiveJumpReLU.apply(z, theta_z, BANDWIDTH)
     x_hat = codes @ W_dec + b_dec
-    l0 = _Step.apply(z, theta_z, BANDWIDTH).sum(-1)
+    l0 = NaiveStep.apply(z, theta_z, BANDWIDTH).sum(-1)
     return (x_hat - x).pow(2).sum(-1).mean() + L0_COEFFICIENT * l0.mean()
-
-
-def saelens_missing() -> str | None:
-    """Why the SAELens variant cannot run here, or None when it can."""
-    try:
-        import sae_lens  # noqa: F401
-    except ImportError as err:
-        return f"sae-lens is not installed ({err}); install the `peers` extra: pip install -e '.[peers]'"
-    return None
 
 
 def _saelens_sae(t: dict[str, torch.Tensor]) -> torch.nn.Module:
