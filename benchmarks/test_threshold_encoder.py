@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from naive_jumprelu import NaiveJumpReLU, NaiveStep, saelens_missing
+from naive_jumprelu import NaiveJumpReLU, NaiveStep, cpu_has_bf16, saelens_missing
 
 from atoms.kernels import backend, threshold_encode
 
@@ -163,14 +163,6 @@ def encoder_step(variant: str, shape: str, dtype: str, x_grad: bool) -> Callable
     return step
 
 
-def _cpu_has_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def _skip_reason(shape: str, dtype: str, variant: str, full: bool) -> str | None:
     if shape == "large" and not full:
         return (
@@ -178,7 +170,7 @@ def _skip_reason(shape: str, dtype: str, variant: str, full: bool) -> str | None
             "shared CPU cores (one floor step 15-30 s); both gradient settings take about 25 min"
         )
     if dtype == "bf16" and DEVICE == "cpu":
-        if not _cpu_has_bf16():
+        if not cpu_has_bf16():
             # Measured here (AVX2 only): the small shape's forward GEMM takes 14 s in bf16, 0.35 s in fp32.
             return "bf16 skipped: no AVX512-BF16 or AMX on this CPU, so bf16 GEMMs run ~40x slower than fp32"
         if not full:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from naive_jumprelu import NaiveJumpReLU, NaiveStep, saelens_missing
+from naive_jumprelu import NaiveJumpReLU, NaiveStep, cpu_has_bf16, saelens_missing
 
 from atoms.train import TrainConfig, TrainState, make_optimizer, train_step
 from atoms.tsae import TSAE
@@ -193,18 +193,10 @@ def training_step(variant: str, shape: str, dtype: str, level: float) -> Callabl
     raise ValueError(f"unknown variant {variant!r}; use one of {VARIANTS}")
 
 
-def _cpu_has_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def _skip_reason(shape: str, dtype: str, variant: str, full: bool) -> str | None:
     if shape == "large" and DEVICE == "cpu" and not full:
         return "large shape on a CPU runs under --full only (a dense step takes tens of seconds on 2 cores)"
-    if dtype == "bf16" and DEVICE == "cpu" and not (full and _cpu_has_bf16()):
+    if dtype == "bf16" and DEVICE == "cpu" and not (full and cpu_has_bf16()):
         return "bf16 on a CPU runs under --full only, and only with AVX512-BF16 or AMX"
     if dtype == "fp32" and DEVICE == "cuda" and shape == "large" and not full:
         return "fp32 at the large shape on a GPU runs under --full only (bf16 is the training dtype there)"
