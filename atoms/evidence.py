@@ -9,7 +9,6 @@ rebuild every verdict from results.json alone.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -152,8 +151,3 @@ def evidence_from_record(record: Mapping[str, Any]) -> ClaimEvidence:
         seeds=int(record["seeds"]),
         premises=tuple(Premise(p["name"], bool(p["met"]), p["detail"]) for p in record["premises"]),
     )
-
-
-def finite(x: float) -> bool:
-    """Whether x is a finite float (NaN and inf are not)."""
-    return isinstance(x, (int, float)) and math.isfinite(x)

@@ -90,7 +90,7 @@ def _saelens_sae(t: dict[str, torch.Tensor]) -> torch.nn.Module:
         d_in=d,
         d_sae=n_atoms,
         dtype=str(t["x"].dtype).removeprefix("torch."),
-        device=DEVICE,
+        device=str(t["x"].device),
         jumprelu_bandwidth=BANDWIDTH,
         jumprelu_sparsity_loss_mode="step",
         l0_coefficient=L0_COEFFICIENT,
@@ -305,10 +305,5 @@ def test_variants_compute_the_same_loss():
     for sparse in (False, True):
         assert float(model.training_loss(t["x"], sparse=sparse).loss) == pytest.approx(plain, rel=1e-5)
     if saelens_missing() is None:
-        global DEVICE
-        device, DEVICE = DEVICE, "cpu"
-        try:
-            saelens = float(_saelens_forward(_saelens_sae(t), t["x"]).loss)
-        finally:
-            DEVICE = device
+        saelens = float(_saelens_forward(_saelens_sae(t), t["x"]).loss)
         assert saelens == pytest.approx(plain, rel=1e-5)
