@@ -32,7 +32,8 @@ from torch import nn
 
 from atoms.activations import Capture, capture
 from atoms.aip import AIP
-from atoms.experiment import ExperimentConfig, _spread
+from atoms.experiment_config import ExperimentConfig
+from atoms.experiment_text import spread as _spread
 from atoms.metrics import r2
 from atoms.models import DEFAULT_MODEL, load_model
 from atoms.text import split_articles, wikipedia_articles
@@ -121,7 +122,7 @@ def capture_layer(layer: int, tokens: int, seed: int) -> tuple[Capture, Capture]
 
 
 def train_config(steps: int, n_fit: int, seed: int, bandwidth: float | None = None) -> TrainConfig:
-    """The main job's training settings (atoms.experiment's _train_config) at `steps` steps."""
+    """The main job's training settings (atoms.experiment_training.train_config) at `steps` steps."""
     return TrainConfig(
         lr=MAIN.lr,
         batch_size=MAIN.batch_size,

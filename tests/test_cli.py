@@ -86,7 +86,7 @@ def test_verify_lists_the_claim_names_in_help_and_on_a_bad_name():
 def test_progress_in_a_log_is_plain_lines():
     import io
 
-    from atoms.experiment import _Progress
+    from atoms.experiment_progress import Progress as _Progress
 
     log = io.StringIO()
     with _Progress(True, stream=log, interval=0.0) as bars:
@@ -116,7 +116,7 @@ def test_progress_in_a_log_is_plain_lines():
 def test_progress_off_writes_nothing():
     import io
 
-    from atoms.experiment import _Progress
+    from atoms.experiment_progress import Progress as _Progress
 
     log = io.StringIO()
     with _Progress(False, stream=log, interval=0.0) as bars:

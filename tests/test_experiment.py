@@ -163,6 +163,26 @@ def test_every_number_has_a_definition_and_results_are_strict_json(run):
     assert all(len(doc) > 20 for doc in field_docs().values())
 
 
+def resolves(tree, segments) -> bool:
+    """Whether the dotted-path pattern `segments` ("*" = any key or index) names something in `tree`."""
+    if not segments:
+        return True
+    if isinstance(tree, list):
+        tree = {str(i): v for i, v in enumerate(tree)}
+    if not isinstance(tree, dict):
+        return False
+    head, rest = segments[0], segments[1:]
+    children = tree.values() if head == "*" else [tree[head]] if head in tree else []
+    return any(resolves(child, rest) for child in children)
+
+
+def test_every_definition_names_keys_of_the_run(run):
+    """The other way round: no definition outlives its key (the tiny run computes every part)."""
+    _, results = run
+    stale = [pattern for pattern in DEFINITIONS if not resolves(results, pattern.split("."))]
+    assert not stale, f"definitions of keys the results lack: {stale}"
+
+
 def test_results_hold_meta_model_text_and_every_layer(run):
     config, results = run
     meta = results["meta"]
