@@ -27,15 +27,20 @@ batch), and the codes themselves as CSR (row offsets, columns, values), not diff
 Entries where z is NaN are selected (as the dense JumpReLU keeps them: NaN <= theta is false), so a NaN
 reaches u_hat and the loss as it does on the dense path rather than being dropped.
 
-The torch path runs on CPU and CUDA (embedding_bag, CSR sparse x dense products, sampled_addmm). It compacts
-with nonzero(), whose output size depends on the data: one host sync per step on CUDA, and not capturable in
-a CUDA graph (kernels/NOTES.md: the fixed-capacity Triton design that removes it).
+The torch path here runs on CPU tensors (embedding_bag, CSR sparse x dense products, sampled_addmm). It
+compacts with nonzero(), whose output size depends on the data: one host sync per step, not capturable in a
+CUDA graph. CUDA tensors (`dispatch.backend` "triton", or "interpret" for Triton's interpreter on CPU) take
+the Triton path instead (kernels/sparse_triton.py): fixed-capacity rows of entries, no host sync with an int
+`capacity`, codes returned as `PaddedCodes`. float64 stays on this torch path on every device.
 """
 
 import warnings
 from typing import NamedTuple
 
 import torch
+
+from .dispatch import backend
+from .sparse_triton import TRITON_DTYPES, PaddedCodes, padded_autoencode
 
 __all__ = ["SparseCodes", "SparseStepOutput", "mean_squared_error", "sparse_autoencode"]
 
@@ -84,8 +89,8 @@ class SparseStepOutput(NamedTuple):
     """(batch,) float32 active count; its gradient reaches theta (JumpReLU only)."""
     column_sums: torch.Tensor
     """(n_atoms,) sum of each latent's codes over the batch; its gradient reaches z at the active entries."""
-    codes: SparseCodes
-    """The codes (not differentiable)."""
+    codes: SparseCodes | PaddedCodes
+    """The codes (not differentiable): CSR from the torch path, fixed-capacity rows from the Triton path."""
 
 
 def _rows_of(crow: torch.Tensor, nnz: int) -> torch.Tensor:
@@ -276,6 +281,7 @@ def sparse_autoencode(
     b_dec: torch.Tensor,
     threshold: torch.Tensor | None = None,
     bandwidth: float = 0.001,
+    capacity: int | None = None,
 ) -> SparseStepOutput:
     """Encode and decode u (batch, d) touching only the active entries after the encoder's GEMM.
 
@@ -286,6 +292,11 @@ def sparse_autoencode(
         threshold: (n_atoms,) positive theta of a JumpReLU (float32), or None for a ReLU SAE. Not checked
             for positivity here (a read-back per call): the SAEs keep it positive.
         bandwidth: e of the rectangle kernel in theta's pseudo-derivatives (JumpReLU only).
+        capacity: Triton path only (ignored by the torch path, which is exact): entry slots a row. None
+            sizes them exactly with one host sync per call; an int makes the step sync-free and
+            CUDA-graph capturable, and rows selecting more entries than that lose the rest, counted on the
+            device in `codes.dropped`: check it (`codes.check()`) where the caller syncs anyway
+            (kernels/sparse_triton.py).
 
     Returns:
         `SparseStepOutput(u_hat (batch, d), l0 (batch,), column_sums (n_atoms,), codes)`, equal to the dense
@@ -293,6 +304,11 @@ def sparse_autoencode(
         gradients in every parameter (and in u).
     """
     _check(u, W_enc, b_enc, threshold, b_dec, W_dec, bandwidth)
+    mode = backend(u, W_enc, b_enc, threshold, b_dec, W_dec)
+    if mode != "torch" and u.dtype in TRITON_DTYPES:
+        return SparseStepOutput(
+            *padded_autoencode(u, W_enc, b_enc, W_dec, b_dec, threshold, bandwidth, capacity, mode)
+        )
     u_hat, l0, column_sums, crow, col, values = _SparseAutoencode.apply(
         u, W_enc, b_enc, threshold, b_dec, W_dec, float(bandwidth)
     )

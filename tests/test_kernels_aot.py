@@ -19,6 +19,8 @@ import torch
 triton = pytest.importorskip("triton")
 
 from atoms.kernels import aip_gram as ag  # noqa: E402
+from atoms.kernels import sparse_gather as sparse_g  # noqa: E402
+from atoms.kernels import sparse_select as sparse_s  # noqa: E402
 from atoms.kernels import support_gram as sg  # noqa: E402
 from atoms.kernels import threshold_encoder as te  # noqa: E402
 from atoms.kernels.aot import compile_for  # noqa: E402
@@ -354,3 +356,159 @@ def test_support_gram_compiles_to_float64_products_without_spills(dtype, k, capa
     assert info.n_spills <= _known_support_spills(capability), (
         f"{info.n_regs} registers, {info.n_spills} bytes of spills"
     )
+
+
+# --------------------------------------------------------------------------------------------------------
+# Sparse training step (fixed-capacity entries)
+# --------------------------------------------------------------------------------------------------------
+
+
+def _select_spec(dtype: torch.dtype, t, precision: str, jump: bool):
+    ty = TYPE[dtype]
+    signature = {
+        "x_ptr": f"*{ty}",
+        "w_ptr": f"*{ty}",
+        "b_ptr": f"*{ty}",
+        "theta_ptr": "*fp32",
+        "idx_ptr": "*i32",
+        "val_ptr": f"*{ty}",
+        "flag_ptr": "*u8",
+        "count_ptr": "*i32",
+        **dict.fromkeys(["M", "N", "K", "capacity", "stride_xm", "stride_wk", "stride_om"], "i32"),
+        "half_width": "fp32",
+    }
+    constexprs = {
+        "stride_xk": 1,
+        "stride_wn": 1,
+        "BLOCK_M": t.block_m,
+        "BLOCK_N": t.block_n,
+        "BLOCK_K": t.block_k,
+        "GROUP_M": t.group_m,
+        "DOT_FP32": False,
+        "PRECISION": precision,
+        "JUMP": jump,
+    }
+    # Benchmark shapes: every size, and a capacity in multiples of 16, divisible by 16.
+    aligned = [n for n in signature if n.endswith("_ptr") or n in ("M", "N", "K", "capacity")]
+    aligned += ["stride_xm", "stride_wk", "stride_om"]
+    return sparse_s._select_kernel, signature, constexprs, aligned, t
+
+
+def _select_variants():
+    """Every tile the autotuner may pick, per capability and dtype, JumpReLU; ReLU and exact fp32 once."""
+    out = []
+    for capability in CAPABILITIES:
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            for t in sparse_s.tuned_tiles(dtype.itemsize, capability):
+                name = f"select-{TYPE[dtype]}-{t.block_m}x{t.block_n}x{t.block_k}-sm{capability}"
+                out.append(pytest.param(capability, dtype, t, "tf32", True, True, id=name))
+        out.append(
+            pytest.param(
+                capability,
+                torch.bfloat16,
+                sparse_s.TUNED_TILES[2][1],
+                "tf32",
+                False,
+                True,
+                id=f"select-bf16-relu-sm{capability}",
+            )
+        )
+        out.append(
+            pytest.param(
+                capability,
+                torch.float32,
+                sparse_s.IEEE_TILES,
+                "ieee",
+                True,
+                False,
+                id=f"select-fp32-ieee-sm{capability}",
+            )
+        )
+    return out
+
+
+@pytest.mark.parametrize(("capability", "dtype", "t", "precision", "jump", "is_matmul"), _select_variants())
+def test_sparse_select_compiles_without_spills(capability, dtype, t, precision, jump, is_matmul):
+    kernel, signature, constexprs, aligned, t = _select_spec(dtype, t, precision, jump)
+    info = compile_for(
+        kernel,
+        signature,
+        constexprs,
+        capability,
+        num_warps=t.num_warps,
+        num_stages=t.num_stages,
+        aligned=aligned,
+    )
+    print(f"sm_{capability}: {info.n_regs} registers, {info.shared} bytes shared")
+    assert info.n_spills == 0, f"{info.n_regs} registers, {info.n_spills} bytes of spills"
+    assert info.shared <= H100_SHARED
+    assert "cp.async" in info.ptx  # the K loop is software-pipelined
+    if is_matmul:
+        instruction = "wgmma" if capability == 90 else "mma"
+        assert instruction in info.ptx, f"no `{instruction}` instruction in the PTX"
+
+
+def _gather_specs(dtype: torch.dtype):
+    """(name, kernel, signature, constexprs, aligned, blocks) of the three entry kernels on GPU blocks."""
+    ty = TYPE[dtype]
+    g, s = sparse_g._GATHER_GPU, sparse_g._SEGMENT_GPU
+    gather = (
+        "gather-sum",
+        sparse_g._gather_sum_kernel,
+        {
+            "idx_ptr": "*i32",
+            "val_ptr": f"*{ty}",
+            "count_ptr": "*i32",
+            "table_ptr": f"*{ty}",
+            "out_ptr": f"*{ty}",
+            **dict.fromkeys(["M", "D", "capacity", "stride_im", "stride_tn", "stride_om"], "i32"),
+        },
+        {"stride_td": 1, "BLOCK_M": g.block_m, "BLOCK_D": g.block_d},
+        g,
+    )
+    sampled = (
+        "sampled-dot",
+        sparse_g._sampled_dot_kernel,
+        {
+            "idx_ptr": "*i32",
+            "count_ptr": "*i32",
+            "dense_ptr": f"*{ty}",
+            "table_ptr": f"*{ty}",
+            "out_ptr": "*fp32",
+            **dict.fromkeys(["M", "D", "stride_im", "stride_dm", "stride_tn"], "i32"),
+        },
+        {"BLOCK_M": g.block_m, "BLOCK_D": g.block_d},
+        g,
+    )
+    segment = (
+        "segment-grads",
+        sparse_g._segment_grads_kernel,
+        {
+            "order_ptr": "*i32",
+            "seg_ptr": "*i32",
+            "val_ptr": f"*{ty}",
+            "gz_ptr": "*fp32",
+            "win_ptr": "*fp32",
+            "g_ptr": f"*{ty}",
+            "xc_ptr": f"*{ty}",
+            "dwdec_ptr": f"*{ty}",
+            "dwenc_ptr": f"*{ty}",
+            "gb_ptr": "*fp32",
+            "gwin_ptr": "*fp32",
+            **dict.fromkeys(["D", "capacity", "stride_gm", "stride_xm", "stride_om"], "i32"),
+        },
+        {"BLOCK_E": s.block_m, "BLOCK_D": s.block_d, "DO_DEC": True, "DO_ENC": True},
+        s,
+    )
+    for name, kernel, signature, constexprs, blocks in (gather, sampled, segment):
+        aligned = [n for n in signature if n.endswith("_ptr") or n in ("D", "capacity") or "stride" in n]
+        yield name, kernel, signature, constexprs, aligned, blocks
+
+
+@pytest.mark.parametrize("capability", CAPABILITIES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_sparse_entry_kernels_compile_without_spills(dtype, capability):
+    for name, kernel, signature, constexprs, aligned, b in _gather_specs(dtype):
+        info = compile_for(kernel, signature, constexprs, capability, num_warps=b.num_warps, aligned=aligned)
+        print(f"{name} sm_{capability}: {info.n_regs} registers")
+        assert info.n_spills == 0, f"{name}: {info.n_regs} registers, {info.n_spills} bytes of spills"
