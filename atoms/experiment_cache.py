@@ -94,6 +94,8 @@ FIELD_CACHES: dict[str, frozenset[Cache]] = {
         "min_steps": (_L,),
         "validation_fraction": (_L, _T),
         "target_l0_gain": (_L,),
+        "target_l0_damping": (_L,),
+        "target_l0_smoothing": (_L,),
         # A training cut short by the budget stops at another step: a layer's results depend on it.
         "budget_minutes": (_L,),
         "bandwidth": (_L,),

@@ -190,7 +190,10 @@ def layer_results(
         mu_n, l0_n = sample_coherence(neuron_dictionary(d, aip), h[neuron_rows])
         neuron_q = statistic(np.stack([mu_n.numpy(), l0_n.numpy()], 1), q_star_quantile, seed=config.seed)
         step(advance=1)
-        for (kind, target, s), (model, record, dead) in fitted.items():
+        # Metrics in the results' order (features then atoms, l0_targets' order), whatever the training order.
+        in_order = sorted(fitted, key=lambda k: (k[0] != "features", config.l0_targets.index(k[1]), k[2]))
+        for kind, target, s in in_order:
+            model, record, dead = fitted[kind, target, s]
             codes, x_hat = encode(model, h.to(config.device))
             raw = model.dictionary()[0]
             dic_aip = Dictionary(raw, aip)

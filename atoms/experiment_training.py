@@ -238,6 +238,8 @@ def train_config(
         sparsity_warmup_steps=config.sparsity_warmup_steps,
         target_l0=target,
         target_l0_gain=config.target_l0_gain,
+        target_l0_damping=config.target_l0_damping,
+        target_l0_smoothing=config.target_l0_smoothing,
         seed=config.seed,
         dead_window=n_fit,
         # Every fifth evaluation: a resumed run replays at most that many evaluation intervals.
@@ -254,10 +256,16 @@ def split_fit(x: torch.Tensor, config: ExperimentConfig) -> tuple[torch.Tensor, 
 
 
 def runs(config: ExperimentConfig) -> list[tuple[str, float, int]]:
-    """(kind, target L0, seed index) of every SAE a layer trains: every sparsity once, main_l0 per seed."""
+    """(kind, target L0, seed index) of every SAE a layer trains: every sparsity once, main_l0 per seed.
+
+    In the order the budget should serve them: the atoms (the paper's subject) before the features, and at
+    each the main sparsity's seeds (the verdict table's rows) before the frontier's other points. A training
+    that plateaus early leaves its unused share to the ones after it (`Budget`).
+    """
+    order = sorted(config.l0_targets, key=lambda target: target != config.main_l0)
     return [
         (kind, target, s)
-        for kind in ("features", "atoms")
-        for target in config.l0_targets
+        for kind in ("atoms", "features")
+        for target in order
         for s in range(config.seeds if target == config.main_l0 else 1)
     ]

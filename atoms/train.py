@@ -55,6 +55,7 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "TrainState",
+    "l0_control",
     "latest_checkpoint",
     "make_optimizer",
     "train",
@@ -104,12 +105,19 @@ class TrainConfig:
     pre-activations; None: the TSAE's default 0.001. A TSAE keeps its own (TSAE(bandwidth=...)); a ReLU SAE
     has no threshold to use it."""
     target_l0: float | None = None
-    """If set, lambda adapts towards this mean L0 per sample after the sparsity warm-up: each step multiplies
-    it by exp(target_l0_gain * clip((l0 - target_l0) / target_l0, -1, 1)), an integral controller on log
-    lambda whose only fixed point is mean l0 = target_l0; the clip bounds a step's change to a factor
-    exp(target_l0_gain)."""
+    """If set, lambda adapts towards this mean L0 per sample after the sparsity warm-up, by a
+    proportional-integral controller on log lambda (`l0_control`) of the error clip(log(l0 / target_l0), -1,
+    1), smoothed: each step multiplies lambda by exp(target_l0_gain * f_t + target_l0_damping * (f_t -
+    f_{t-1})), f the filtered error. Its only fixed point is a batch L0 at target_l0 (geometric mean)."""
     target_l0_gain: float = 0.01
-    """Gain of the target-L0 controller (per step, on log lambda)."""
+    """Integral gain of the target-L0 controller (per step, on log lambda)."""
+    target_l0_smoothing: float = 1.0
+    """Weight of the newest error in the controller's filtered error (1: no smoothing). A batch's mean L0 is
+    noisy (a ReLU SAE of 2304 latents at batch 512: +-20% step to step), and a proportional term would pass
+    that noise on to lambda."""
+    target_l0_damping: float = 0.0
+    """Proportional gain of the target-L0 controller (0: the integral controller alone). It answers a change
+    of the (smoothed) L0 at once instead of integrating it (docs/l0_controller.md compares settings)."""
     betas: tuple[float, float] = (0.0, 0.999)
     """Adam betas; beta1 = 0 as in the JumpReLU paper."""
     eps: float = 1e-8
@@ -162,6 +170,8 @@ class TrainConfig:
             ("bandwidth", self.bandwidth is None or self.bandwidth > 0, "None or a float > 0"),
             ("target_l0", self.target_l0 is None or self.target_l0 > 0, "None or a float > 0"),
             ("target_l0_gain", self.target_l0_gain > 0, "a float > 0"),
+            ("target_l0_damping", self.target_l0_damping >= 0, "a float >= 0"),
+            ("target_l0_smoothing", 0 < self.target_l0_smoothing <= 1, "a float in (0, 1]"),
             ("betas", len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "two floats in [0, 1)"),
             ("eps", self.eps > 0, "a float > 0"),
         ]
@@ -235,6 +245,8 @@ class TrainState:
     tokens_seen: int = 0
     l0: float | None = None
     """The previous step's mean L0 (None before the first step): what chooses the next step's path."""
+    l0_error: float | None = None
+    """The target-L0 controller's filtered error (`l0_control`; None before its first step)."""
 
     @classmethod
     def start(cls, model: nn.Module, config: TrainConfig) -> TrainState:
@@ -274,6 +286,7 @@ class TrainState:
             "step": self.step,
             "tokens_seen": self.tokens_seen,
             "l0": self.l0,
+            "l0_error": self.l0_error,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -282,6 +295,7 @@ class TrainState:
         self.step = int(state["step"])
         self.tokens_seen = int(state["tokens_seen"])
         self.l0 = state.get("l0")  # absent from checkpoints written before the sparse path
+        self.l0_error = state.get("l0_error")  # absent before the filtered controller
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Adam:
@@ -347,6 +361,28 @@ def _all_reduce_step(
     return total, (packed[5:] > 0).to(fired.device), (packed[1:5] / total).tolist()
 
 
+def _l0_error(l0: float, target: float) -> float:
+    """clip(log(l0 / target), -1, 1): symmetric in over- and undershoot, bounded for l0 = 0."""
+    return max(-1.0, min(1.0, math.log(l0 / target))) if l0 > 0 else -1.0
+
+
+def l0_control(l0: float, filtered: float | None, config: TrainConfig) -> tuple[float, float]:
+    """One update of the target-L0 controller after a step of mean L0 `l0`: (the factor lambda is
+    multiplied by, the new filtered error).
+
+    e_t = clip(log(l0 / target_l0), -1, 1) is smoothed, f_t = f_{t-1} + target_l0_smoothing (e_t - f_{t-1})
+    (f starts at the first error: `filtered` is None at the first controlled step), and lambda is multiplied
+    by exp(target_l0_gain f_t + target_l0_damping (f_t - f_{t-1})), f_{t-1} = 0 at the first step: a
+    proportional-integral controller on log lambda in velocity form.
+    """
+    if config.target_l0 is None:
+        raise BadInputError("l0_control needs TrainConfig.target_l0; set it, or do not adapt lambda.")
+    error = _l0_error(l0, config.target_l0)
+    before = 0.0 if filtered is None else filtered
+    now = error if filtered is None else filtered + config.target_l0_smoothing * (error - filtered)
+    return math.exp(config.target_l0_gain * now + config.target_l0_damping * (now - before)), now
+
+
 def use_sparse_path(config: TrainConfig, state: TrainState, n_atoms: int) -> bool:
     """Whether the next step takes the sparse path: `config.sparse` when set, else whether the previous
     step's mean L0 was at most SPARSE_MAX_DENSITY of n_atoms (the first step is dense: a fresh model's
@@ -398,8 +434,8 @@ def train_step(
         state.tokens_since_fired += n
         state.tokens_since_fired[fired] = 0
     if cfg.target_l0 is not None and state.step >= cfg.sparsity_warmup_steps:
-        error = max(-1.0, min(1.0, (l0 - cfg.target_l0) / cfg.target_l0))
-        state.coefficient *= math.exp(cfg.target_l0_gain * error)
+        factor, state.l0_error = l0_control(l0, state.l0_error, cfg)
+        state.coefficient *= factor
     state.step += 1
     state.tokens_seen += n
     state.l0 = l0

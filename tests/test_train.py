@@ -10,7 +10,15 @@ import torch
 
 from atoms.aip import AIP
 from atoms.errors import BadInputError
-from atoms.train import TrainConfig, TrainState, latest_checkpoint, make_optimizer, train, train_step
+from atoms.train import (
+    TrainConfig,
+    TrainState,
+    l0_control,
+    latest_checkpoint,
+    make_optimizer,
+    train,
+    train_step,
+)
 from atoms.tsae import TSAE, ReLUSAE
 
 D, N_ATOMS = 16, 32
@@ -79,7 +87,12 @@ def test_warmup_schedules_and_input_scale(data):
     assert explicit.input_scale == 0.5
 
 
-def test_target_l0_controller(data):
+def _l0_error(l0: float, target: float) -> float:
+    return max(-1.0, min(1.0, math.log(l0 / target))) if l0 > 0 else -1.0
+
+
+@pytest.mark.parametrize(("damping", "smoothing"), [(0.0, 1.0), (0.5, 0.2)])
+def test_target_l0_controller(data, damping, smoothing):
     x, aip = data
     target, gain, warm, steps, lam = 4.0, 0.05, 10, 70, 0.03
     cfg = small(
@@ -87,22 +100,35 @@ def test_target_l0_controller(data):
         lr=1e-2,
         target_l0=target,
         target_l0_gain=gain,
+        target_l0_damping=damping,
+        target_l0_smoothing=smoothing,
         sparsity_warmup_steps=warm,
         sparsity_coefficient=lam,
     )
     result = train(TSAE(D, N_ATOMS, aip, seed=2), x, cfg, progress=False)
-    # The controller's law replayed on the recorded l0: lambda' = lambda exp(gain clip((l0_t - T) / T)).
+    # The controller's law replayed on the recorded l0: with e_t = clip(log(l0_t / T), -1, 1) filtered,
+    # f_t = f_{t-1} + smoothing (e_t - f_{t-1}) (f = e at the first controlled step),
+    # lambda' = lambda exp(gain f_t + damping (f_t - f_{t-1})), f_{t-1} = 0 at the first controlled step.
     ramp = np.minimum(1, (np.arange(steps) + 1) / warm)
+    filtered = None
     for t in range(steps):
         assert result.coefficient[t] == pytest.approx(lam * ramp[t], rel=1e-12)
         if t >= warm:
-            lam *= math.exp(gain * max(-1.0, min(1.0, (float(result.l0[t]) - target) / target)))
+            error = _l0_error(float(result.l0[t]), target)
+            now = error if filtered is None else filtered + smoothing * (error - filtered)
+            lam *= math.exp(gain * now + damping * (now - (filtered or 0.0)))
+            filtered = now
     assert result.final_coefficient == pytest.approx(lam, rel=1e-12)
     # When the controller starts, about half the latents fire (16); it brings the mean L0 to the target.
     start, end = float(result.l0[warm - 5 : warm].mean()), float(result.l0[-10:].mean())
     assert start > 3 * target
     assert abs(end - target) < 0.2 * abs(start - target), (start, end)
     assert result.final_coefficient > 3 * 0.03
+
+
+def test_l0_control_needs_a_target():
+    with pytest.raises(BadInputError, match="target_l0"):
+        l0_control(3.0, None, TrainConfig())
 
 
 def test_dead_latents(data):
