@@ -1,12 +1,25 @@
 """The encoder's GEMM tile, for fused kernels that consume z in their epilogue without storing it.
 
-`encoder_tile` is what `sparse_select._select_kernel` runs before its compaction epilogue; the threshold
-encoder's `_encode_fwd_kernel` holds the same loop inline (a candidate to call this instead).
+`tile_position` and `encoder_tile` are what `sparse_select._select_kernel` (compaction epilogue) and
+`threshold_encoder._encode_fwd_kernel` (dense codes and packed state) run before their epilogues.
 """
 
 from .dispatch import tl, triton
 
-__all__ = ["encoder_tile"]
+__all__ = ["encoder_tile", "tile_position"]
+
+
+@triton.jit
+def tile_position(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n): the row and column tile of this program, in grouped order: GROUP_M consecutive row
+    tiles reuse the same W column tiles while they sit in L2."""
+    pid = tl.program_id(0)
+    n_tiles_m = (M + BLOCK_M - 1) // BLOCK_M
+    n_tiles_n = (N + BLOCK_N - 1) // BLOCK_N
+    group = GROUP_M * n_tiles_n
+    first_m = (pid // group) * GROUP_M
+    group_m = tl.minimum(n_tiles_m - first_m, GROUP_M)
+    return first_m + (pid % group) % group_m, (pid % group) // group_m
 
 
 @triton.jit
@@ -21,30 +34,22 @@ def encoder_tile(
     stride_xk,
     stride_wk,
     stride_wn,
+    pid_m,
+    pid_n,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
     DOT_FP32: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """(z, rows, cols) of this program's tile: z = x @ W + b (BLOCK_M, BLOCK_N) in fp32 registers, with the
+    """(z, rows, cols) of tile (pid_m, pid_n): z = x @ W + b (BLOCK_M, BLOCK_N) in fp32 registers, with the
     tile's row and column indices (BLOCK_M,) and (BLOCK_N,), int32; x (M, K), W (K, N), b (N,)."""
-    # Grouped order: GROUP_M consecutive row tiles reuse the same W column tiles while they sit in L2.
-    pid = tl.program_id(0)
-    n_tiles_m = (M + BLOCK_M - 1) // BLOCK_M
-    n_tiles_n = (N + BLOCK_N - 1) // BLOCK_N
-    group = GROUP_M * n_tiles_n
-    first_m = (pid // group) * GROUP_M
-    group_m = tl.minimum(n_tiles_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group) % group_m
-    pid_n = (pid % group) // group_m
-
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     ks = tl.arange(0, BLOCK_K)
     row_ok = rows < M
     col_ok = cols < N
+    # int64 row offsets: batch * n_atoms (and batch * d) can pass 2**31 elements.
     x_ptrs = x_ptr + rows.to(tl.int64)[:, None] * stride_xm + ks[None, :] * stride_xk
     w_ptrs = w_ptr + ks[:, None] * stride_wk + cols[None, :] * stride_wn
 

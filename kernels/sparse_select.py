@@ -25,7 +25,7 @@ from typing import NamedTuple
 import torch
 
 from .dispatch import HAS_TRITON, Backend, dot_in_fp32, launch, tl, triton
-from .gemm_tile import encoder_tile
+from .gemm_tile import encoder_tile, tile_position
 
 __all__ = ["Selected", "select_entries"]
 
@@ -74,6 +74,7 @@ def _select_kernel(
     JUMP: tl.constexpr,
 ):
     """One (BLOCK_M, BLOCK_N) tile of z in fp32; the epilogue compacts its selected entries into row slots."""
+    pid_m, pid_n = tile_position(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     z, rows, cols = encoder_tile(
         x_ptr,
         w_ptr,
@@ -85,10 +86,11 @@ def _select_kernel(
         stride_xk,
         stride_wk,
         stride_wn,
+        pid_m,
+        pid_n,
         BLOCK_M,
         BLOCK_N,
         BLOCK_K,
-        GROUP_M,
         DOT_FP32,
         PRECISION,
     )

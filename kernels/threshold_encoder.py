@@ -31,6 +31,7 @@ from typing import NamedTuple
 import torch
 
 from .dispatch import Backend, backend, dot_in_fp32, launch, tl, triton
+from .gemm_tile import encoder_tile, tile_position
 
 __all__ = [
     "EncoderOutput",
@@ -87,40 +88,30 @@ def _encode_fwd_kernel(
     WRITE_L0: tl.constexpr,
 ):
     """One (BLOCK_M, BLOCK_N) tile of z = x @ W + b in fp32; the epilogue writes codes, 2-bit state, l0."""
-    # Grouped order: GROUP_M consecutive row tiles reuse the same W column tiles while they sit in L2.
-    pid = tl.program_id(0)
-    n_tiles_m = (M + BLOCK_M - 1) // BLOCK_M
-    n_tiles_n = (N + BLOCK_N - 1) // BLOCK_N
-    group = GROUP_M * n_tiles_n
-    first_m = (pid // group) * GROUP_M
-    group_m = tl.minimum(n_tiles_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group) % group_m
-    pid_n = (pid % group) // group_m
-
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    ks = tl.arange(0, BLOCK_K)
+    pid_m, pid_n = tile_position(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    z, rows, cols = encoder_tile(
+        x_ptr,
+        w_ptr,
+        b_ptr,
+        M,
+        N,
+        K,
+        stride_xm,
+        stride_xk,
+        stride_wk,
+        stride_wn,
+        pid_m,
+        pid_n,
+        BLOCK_M,
+        BLOCK_N,
+        BLOCK_K,
+        DOT_FP32,
+        PRECISION,
+    )
     row_ok = rows < M
     col_ok = cols < N
     rows64 = rows.to(tl.int64)  # batch * n_atoms can pass 2**31 elements
-    x_ptrs = x_ptr + rows64[:, None] * stride_xm + ks[None, :] * stride_xk
-    w_ptrs = w_ptr + ks[:, None] * stride_wk + cols[None, :] * stride_wn
-
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k_ok = ks < K - k0
-        a = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        if DOT_FP32:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
-        x_ptrs += BLOCK_K * stride_xk
-        w_ptrs += BLOCK_K * stride_wk
-
-    bias = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     theta = tl.load(theta_ptr + cols, mask=col_ok, other=1.0)
-    z = acc + bias[None, :]
     valid = row_ok[:, None] & col_ok[None, :]
     on = (z > theta[None, :]) & valid
     near = (tl.abs(z - theta[None, :]) <= half_width) & valid
