@@ -48,9 +48,12 @@ from torch import nn
 
 from atoms.distributed import agree, comm_device, is_distributed, shard, world
 from atoms.errors import BadInputError, as_float_tensor
-from atoms.tsae import TSAE, SparseAutoencoder, as_sae
+from atoms.kernels.dispatch import backend
+from atoms.kernels.sparse_triton import TRITON_DTYPES, CapacityOverflowError
+from atoms.tsae import TSAE, SparseAutoencoder, TrainingLoss, as_sae
 
 __all__ = [
+    "GraphedTrainStep",
     "StepStats",
     "TrainConfig",
     "TrainResult",
@@ -58,6 +61,7 @@ __all__ = [
     "l0_control",
     "latest_checkpoint",
     "make_optimizer",
+    "next_capacity",
     "train",
     "train_step",
 ]
@@ -73,6 +77,9 @@ _HISTORY = ("loss", "recon_loss", "sparsity_loss", "l0", "dead", "coefficient", 
 # took 75, 91 and 134 ms at L0 0.5%, 1% and 3%, about 63 ms plus 24 ms per percent, the dense one 266-292 ms
 # at any L0: they cross near 9%, extrapolated; 8% keeps a margin towards the dense side.
 SPARSE_MAX_DENSITY = 0.08
+# The sparse step's next capacity is the last step's fullest row times this (`next_capacity`): the fullest
+# row's count moves little from one step to the next, and an overflow costs a redone loss and backward.
+CAPACITY_MARGIN = 1.25
 # `TrainConfig.whiten_once=None` whitens a tensor of activations up front when the copy is at most this.
 WHITEN_ONCE_MAX_BYTES = 8 * 2**30
 # Decoder rows further than this from unit norm are folded into the encoder before training. Rows that
@@ -247,6 +254,10 @@ class TrainState:
     """The previous step's mean L0 (None before the first step): what chooses the next step's path."""
     l0_error: float | None = None
     """The target-L0 controller's filtered error (`l0_control`; None before its first step)."""
+    capacity: int | None = None
+    """Entry slots a row the next sparse step gives the Triton kernels (`next_capacity` of the last sparse
+    step's fullest row; None before one: that step sizes them exactly, with one host sync). The torch path
+    ignores it and leaves it None."""
 
     @classmethod
     def start(cls, model: nn.Module, config: TrainConfig) -> TrainState:
@@ -287,6 +298,7 @@ class TrainState:
             "tokens_seen": self.tokens_seen,
             "l0": self.l0,
             "l0_error": self.l0_error,
+            "capacity": self.capacity,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -296,6 +308,7 @@ class TrainState:
         self.tokens_seen = int(state["tokens_seen"])
         self.l0 = state.get("l0")  # absent from checkpoints written before the sparse path
         self.l0_error = state.get("l0_error")  # absent before the filtered controller
+        self.capacity = state.get("capacity")  # absent before the sync-free sparse step
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Adam:
@@ -330,10 +343,11 @@ def _ramp(step: int, warmup: int) -> float:
 
 
 def _all_reduce_step(
-    model: nn.Module, out: Any, fired: torch.Tensor
+    model: nn.Module, n: int, local: list[float], fired: torch.Tensor
 ) -> tuple[int, torch.Tensor, list[float]]:
-    """Under torchrun: the global batch's size, firing mask (n_atoms,) and mean (loss, recon, sparsity, l0),
-    the same on every rank; the gradients become the global batch's mean gradient.
+    """Under torchrun, from this rank's n rows, their `local` mean (loss, recon, sparsity, l0) and firing mask
+    (n_atoms,): the global batch's size, firing mask and means, the same on every rank; the gradients become
+    the global batch's mean gradient.
 
     Gradients are reduced by hand rather than by DistributedDataParallel. DDP divides the sum over ranks by
     the world size, which is the global batch's mean gradient only when every rank holds the same number of
@@ -341,13 +355,6 @@ def _all_reduce_step(
     need not divide evenly). It also keeps `train_step` a function of the bare model, and the backward pass is
     two matrix products, so DDP's overlap of communication with it would save little.
     """
-    n = out.rows
-    local = [
-        float(out.loss.detach()),
-        float(out.recon_loss.detach()),
-        float(out.l0_loss.detach()),
-        float(out.l0),
-    ]
     packed = torch.cat([torch.tensor([1.0, *local], dtype=torch.float64) * n, fired.double().cpu()])
     packed = packed.to(comm_device())
     dist.all_reduce(packed)
@@ -392,6 +399,47 @@ def use_sparse_path(config: TrainConfig, state: TrainState, n_atoms: int) -> boo
     return state.l0 is not None and state.l0 <= SPARSE_MAX_DENSITY * n_atoms
 
 
+class _ReadBack(NamedTuple):
+    """What a step reads back of its loss, in one device->host transfer."""
+
+    values: list[float]
+    """The mean loss, reconstruction loss, sparsity loss and L0 of this rank's rows."""
+    dropped: int
+    """Selected entries that did not fit in the capacity (0 off the Triton path)."""
+    needed: int | None
+    """The fullest row's selected entries: the capacity the batch needed (None off the Triton path)."""
+
+
+def _loss_and_backward(
+    sae: SparseAutoencoder,
+    optimizer: torch.optim.Optimizer,
+    batch: torch.Tensor | np.ndarray,
+    coefficient: float,
+    sparse: bool,
+    capacity: int | None,
+    scaled: bool,
+) -> tuple[TrainingLoss, _ReadBack]:
+    """The step's loss and gradients (the old ones cleared), and their read-back."""
+    out = sae.training_loss(batch, coefficient, sparse=sparse, scaled=scaled, capacity=capacity)
+    optimizer.zero_grad(set_to_none=True)
+    out.loss.backward()
+    parts = [out.loss.detach(), out.recon_loss.detach(), out.l0_loss.detach(), out.l0]
+    if out.counts is not None:
+        parts += [out.dropped.sum(), out.counts.max()]
+    # float64 holds every float32 and int32 exactly: the values are those float() of each would give.
+    values = torch.stack([t.double() for t in parts]).tolist()
+    if out.counts is None:
+        return out, _ReadBack(values, 0, None)
+    return out, _ReadBack(values[:4], int(values[4]), int(values[5]))
+
+
+def next_capacity(needed: int, n_atoms: int, margin: float = CAPACITY_MARGIN) -> int:
+    """Entry slots a row for the next sparse step after one whose fullest row selected `needed` entries:
+    `margin` times that, in multiples of 16 (aligned rows, as `default_capacity`), at least 16 (a step where
+    nothing fired would otherwise give 0), at most n_atoms."""
+    return min(n_atoms, max(16, 16 * math.ceil(margin * needed / 16)))
+
+
 def train_step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -408,6 +456,13 @@ def train_step(
     step and the returned stats are then those of the global batch, identical on every rank.
     `scaled`: the batch is already in the model's coordinates (`model.scale_rows`, for an AIP-norm model),
     so no whitening runs in the step.
+
+    Host syncs: the loss, its parts and the mean L0 come back in one transfer (with the dead-latent count,
+    the step's only reads). A sparse step on the Triton kernels (CUDA tensors) gives them
+    `state.capacity` entry slots a row, which needs no sync; the entries that did not fit and the fullest
+    row's count come back in the same transfer. If some did not fit, the loss and backward are redone sized
+    exactly before the optimizer steps, and every such step sets `state.capacity` from the fullest row
+    (`next_capacity`). The torch path (CPU tensors) is exact and ignores the capacity.
     """
     cfg = state.config
     sae = _sae(model, cfg)
@@ -417,22 +472,25 @@ def train_step(
     coefficient = state.coefficient * _ramp(state.step, cfg.sparsity_warmup_steps)
 
     sparse = use_sparse_path(cfg, state, sae.n_atoms)
-    out = sae.training_loss(batch, coefficient, sparse=sparse, scaled=scaled)
-    optimizer.zero_grad(set_to_none=True)
-    out.loss.backward()
+    out, read = _loss_and_backward(sae, optimizer, batch, coefficient, sparse, state.capacity, scaled)
+    if read.dropped:
+        # Some row selected more entries than the capacity: these gradients miss them. Redo the step sized
+        # exactly (one more host sync, on this step only), so that no update is applied with entries missing.
+        out, read = _loss_and_backward(sae, optimizer, batch, coefficient, sparse, None, scaled)
+    if read.needed is not None:
+        state.capacity = next_capacity(read.needed, sae.n_atoms)
     fired = out.fired
     if is_distributed():
-        n, fired, (loss, recon, sparsity, l0) = _all_reduce_step(model, out, fired)
+        n, fired, (loss, recon, sparsity, l0) = _all_reduce_step(model, out.rows, read.values, fired)
     else:
-        n, l0 = out.rows, float(out.l0)
-        loss, recon, sparsity = (float(t.detach()) for t in (out.loss, out.recon_loss, out.l0_loss))
+        n, (loss, recon, sparsity, l0) = out.rows, read.values
     sae.project_decoder_grad_()
     optimizer.step()
     sae.constrain_()
 
     with torch.no_grad():
         state.tokens_since_fired += n
-        state.tokens_since_fired[fired] = 0
+        state.tokens_since_fired.masked_fill_(fired, 0)  # a mask index would read the mask back
     if cfg.target_l0 is not None and state.step >= cfg.sparsity_warmup_steps:
         factor, state.l0_error = l0_control(l0, state.l0_error, cfg)
         state.coefficient *= factor
@@ -450,6 +508,277 @@ def train_step(
         lr=lr,
         sparse=sparse,
     )
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The step in a CUDA graph
+# ------------------------------------------------------------------------------------------------------------
+
+# GraphedTrainStep's default capacity is the probe batch's fullest row times this: overflow is checked only
+# every log_every steps, and the steps in between are applied, so its margin is wider than train_step's.
+GRAPHED_CAPACITY_MARGIN = 2.0
+# Eager steps before capture, undone after: the first compiles and autotunes the Triton kernels and creates
+# the optimizer's state; the others run the step as capture will record it.
+_GRAPH_WARMUP_STEPS = 3
+
+
+class GraphedTrainStep:
+    """`train_step` on the sparse path, captured once in a CUDA graph and replayed per batch: no host sync
+    and no kernel launches from Python in a step.
+
+    `GraphedTrainStep(model, optimizer, state, example)` captures, for a model on a CUDA device (float32,
+    bfloat16 or float16 parameters) and batches shaped like `example` (batch, d): the forward on the sparse
+    path's Triton kernels with `capacity` entry slots a row, the loss with the sparsity coefficient and the
+    learning rate as device tensors (warm-up ramps computed on the device from a step counter), the
+    backward, the decoder-gradient projection, the optimizer's step (`optimizer`, an Adam such as
+    `make_optimizer`'s, becomes capturable with a device-tensor lr), the constraint, the dead-latent
+    counters (`state.tokens_since_fired`, updated in place) and the target-L0 controller (`l0_control`'s law
+    on the device). Calling it with a batch copies the batch into the graph's input buffer and replays the
+    graph: the step `train_step` takes with `config.sparse=True`, to rounding.
+
+    Stats stay on the device, a row per step. Every `config.log_every` steps (of `state.step`), and on
+    `read()`, they come back in one transfer as StepStats, and `state` is brought up to date (coefficient,
+    controller, L0, capacity); steps and tokens are counted on the host as they go. Overflow is checked
+    then too: if some row selected more entries than the capacity, `read` raises CapacityOverflowError
+    naming the capacity needed. The steps since the previous check were already applied with those rows'
+    extra entries missing, which is why the default capacity (None: measured on `example`) leaves twice the
+    fullest row (GRAPHED_CAPACITY_MARGIN) where train_step, which redoes an overflowing step, leaves 1.25x.
+    After an overflow, resume from a checkpoint with a new GraphedTrainStep of the capacity named.
+
+    While one is in use, step the model only through it, and `read()` before reading `state` or saving a
+    checkpoint. Batches are not checked for NaN (that reads them back); a NaN shows in the next read's loss.
+    Copying a batch from pageable host memory waits for the device: pass batches on the device, or pinned.
+    Not under torchrun.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        state: TrainState,
+        example: torch.Tensor | np.ndarray,
+        *,
+        capacity: int | None = None,
+        scaled: bool = False,
+    ) -> None:
+        """`example` (batch, d): a batch like those the step will take (raw activations, or with `scaled`
+        already in the model's coordinates); it sets the batch shape, warms the step up (the warm-up's
+        updates are undone) and, with capacity None, measures the capacity."""
+        cfg = state.config
+        sae = _sae(model, cfg)
+        device = sae.W_dec.device
+        _check_capturable(sae, optimizer, cfg)
+        example = torch.as_tensor(example)
+        if example.ndim != 2 or example.shape[1] != sae.d or example.shape[0] < 1:
+            raise BadInputError(f"example must be a (batch, {sae.d}) batch, got {tuple(example.shape)}.")
+        self.model, self.optimizer, self.state, self.sae, self.scaled = model, optimizer, state, sae, scaled
+        # The graph's input buffer, in the dtype training_loss computes from (no conversion in the graph).
+        dtype = sae.dtype if scaled else sae._compute_dtype
+        self._x = example.to(device=device, dtype=dtype, copy=True)
+        self.capacity = self._measure_capacity() if capacity is None else capacity
+
+        def on_device(value: Any, dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor(value, dtype=dtype, device=device)
+
+        self._step = on_device(state.step, torch.int64)
+        self._coefficient = on_device(state.coefficient, torch.float64)
+        self._filtered = on_device(state.l0_error or 0.0, torch.float64)
+        self._controlled = on_device(state.l0_error is not None, torch.bool)
+        # float32: what the fused Adam kernel reads a tensor lr as.
+        self._lr = on_device(cfg.lr, torch.float32)
+        self._rows = torch.zeros(cfg.log_every, len(_GRAPHED_STATS), dtype=torch.float64, device=device)
+        self._pending = on_device([0], torch.int64)  # the next stats row
+        self._dropped = on_device(0, torch.int64)
+        self._needed = on_device(0, torch.int64)
+        self._unread = 0
+        for group in optimizer.param_groups:
+            group["capturable"], group["lr"] = True, self._lr
+        for p, slots in optimizer.state.items():
+            # A non-capturable Adam keeps its step count on the host; the captured step increments it.
+            if isinstance(slots.get("step"), torch.Tensor) and slots["step"].device != p.device:
+                slots["step"] = slots["step"].to(device=p.device, dtype=torch.float32)
+        self._graph = self._capture()
+
+    def _measure_capacity(self) -> int:
+        with torch.no_grad():
+            out = self.sae.training_loss(self._x, sparse=True, scaled=self.scaled, validate=False)
+        return next_capacity(int(out.counts.max()), self.sae.n_atoms, GRAPHED_CAPACITY_MARGIN)
+
+    def _device_state(self) -> list[torch.Tensor]:
+        """Every tensor besides the parameters and the optimizer's state that a step writes."""
+        return [
+            self.state.tokens_since_fired,
+            self._step,
+            self._coefficient,
+            self._filtered,
+            self._controlled,
+            self._rows,
+            self._pending,
+            self._dropped,
+            self._needed,
+        ]
+
+    def _capture(self) -> torch.cuda.CUDAGraph:
+        """Warm up on a side stream (as torch.cuda.graph requires), undo the warm-up, capture one step."""
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        written = [*params, *self._device_state()]
+        saved = [t.detach().clone() for t in written]
+        slots_before = {
+            p: {k: v.clone() for k, v in self.optimizer.state[p].items() if isinstance(v, torch.Tensor)}
+            for p in params
+            if p in self.optimizer.state
+        }
+        current = torch.cuda.current_stream(self._x.device)
+        side = torch.cuda.Stream(self._x.device)
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
+            for _ in range(_GRAPH_WARMUP_STEPS):
+                self._record_step()
+                self._pending.zero_()  # log_every rows may be fewer than the warm-up steps
+        current.wait_stream(side)
+        with torch.no_grad():
+            for t, value in zip(written, saved, strict=True):
+                t.copy_(value)
+            for p in params:
+                before = slots_before.get(p, {})
+                for k, v in self.optimizer.state[p].items():
+                    # Adam's state starts at zero (moments and step count): a fresh slot goes back to that.
+                    if isinstance(v, torch.Tensor) and k in before:
+                        v.copy_(before[k])
+                    elif isinstance(v, torch.Tensor):
+                        v.zero_()
+        # Grads set to None: the captured backward allocates them from the graph's pool and writes them.
+        self.optimizer.zero_grad(set_to_none=True)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._record_step()
+        return graph
+
+    def _record_step(self) -> None:
+        """The step, as device operations only (what the graph holds)."""
+        cfg, sae = self.state.config, self.sae
+        self.optimizer.zero_grad(set_to_none=True)
+        step = self._step.double()
+        lr = cfg.lr * _device_ramp(step, cfg.lr_warmup_steps)
+        self._lr.copy_(lr)
+        coefficient = self._coefficient * _device_ramp(step, cfg.sparsity_warmup_steps)
+        out = sae.training_loss(
+            self._x, coefficient, sparse=True, scaled=self.scaled, capacity=self.capacity, validate=False
+        )
+        out.loss.backward()
+        sae.project_decoder_grad_()
+        self.optimizer.step()
+        sae.constrain_()
+        with torch.no_grad():
+            counters = self.state.tokens_since_fired
+            counters.add_(out.rows).masked_fill_(out.fired, 0)
+            if cfg.target_l0 is not None:
+                self._control(out.l0.double(), step)
+            dead = (counters >= cfg.dead_window).sum()
+            parts = (out.loss, out.recon_loss, out.l0_loss, out.l0, dead, coefficient, lr)
+            row = torch.stack([t.detach().double() for t in parts])
+            self._rows.index_copy_(0, self._pending, row[None])
+            self._pending.add_(1)
+            self._dropped.add_(out.dropped.sum())
+            torch.maximum(self._needed, out.counts.max().long(), out=self._needed)
+            self._step.add_(1)
+
+    def _control(self, l0: torch.Tensor, step: torch.Tensor) -> None:
+        """`l0_control` on the device (float64, as on the host), from the step's sparsity warm-up on."""
+        cfg = self.state.config
+        # Where l0 <= 0 (or NaN) the error is -1, as _l0_error's.
+        error = torch.where(l0 > 0, torch.log(l0 / cfg.target_l0).clamp(-1.0, 1.0), -1.0)
+        filtered = self._filtered
+        before = torch.where(self._controlled, filtered, 0.0)
+        now = torch.where(self._controlled, filtered + cfg.target_l0_smoothing * (error - filtered), error)
+        factor = torch.exp(cfg.target_l0_gain * now + cfg.target_l0_damping * (now - before))
+        on = step >= cfg.sparsity_warmup_steps
+        self._coefficient.copy_(torch.where(on, self._coefficient * factor, self._coefficient))
+        self._filtered.copy_(torch.where(on, now, filtered))
+        self._controlled.logical_or_(on)
+
+    def __call__(self, batch: torch.Tensor | np.ndarray) -> list[StepStats]:
+        """One step on `batch` (shaped like the example); the stats of the steps since the last read when
+        this step ends a log_every period (`read`), else []."""
+        batch = torch.as_tensor(batch)
+        if batch.shape != self._x.shape:
+            raise BadInputError(
+                f"the graph was captured for batches of shape {tuple(self._x.shape)}, got "
+                f"{tuple(batch.shape)}; build another GraphedTrainStep for another batch size."
+            )
+        self._x.copy_(batch, non_blocking=True)
+        self._graph.replay()
+        self.state.step += 1
+        self.state.tokens_seen += self._x.shape[0]
+        self._unread += 1
+        return self.read() if self.state.step % self.state.config.log_every == 0 else []
+
+    def read(self) -> list[StepStats]:
+        """The stats of the steps since the last read (one device->host transfer); brings `state` up to date.
+
+        Raises CapacityOverflowError if a row of those steps selected more entries than the capacity (the
+        steps were applied; see the class docstring).
+        """
+        k = self._unread
+        if k == 0:
+            return []
+        scalars = (self._dropped, self._needed, self._coefficient, self._filtered, self._controlled)
+        tail = torch.stack([t.double() for t in scalars])
+        values = torch.cat([self._rows[:k].flatten(), tail]).tolist()
+        for t in (self._pending, self._dropped, self._needed):
+            t.zero_()
+        self._unread = 0
+        width = len(_GRAPHED_STATS)
+        rows = [dict(zip(_GRAPHED_STATS, values[i * width : (i + 1) * width], strict=True)) for i in range(k)]
+        dropped, needed, coefficient, filtered, controlled = values[k * width :]
+        first = self.state.step - k
+        stats = [
+            StepStats(step=first + i + 1, **{**row, "dead": int(row["dead"])}, sparse=True)
+            for i, row in enumerate(rows)
+        ]
+        state = self.state
+        state.coefficient, state.l0 = coefficient, stats[-1].l0
+        state.l0_error = filtered if controlled else None
+        state.capacity = next_capacity(int(needed), self.sae.n_atoms)
+        if dropped:
+            wanted = next_capacity(int(needed), self.sae.n_atoms, GRAPHED_CAPACITY_MARGIN)
+            raise CapacityOverflowError(
+                f"{int(dropped)} selected entries did not fit in the capacity of {self.capacity} a row in "
+                f"steps {first + 1}-{state.step} (the fullest row selected {int(needed)}); those steps were "
+                f"applied without them. Resume from a checkpoint before step {first + 1} with a "
+                f"GraphedTrainStep of capacity >= {wanted}, or train with train_step, which redoes an "
+                "overflowing step."
+            )
+        return stats
+
+
+def _check_capturable(sae: SparseAutoencoder, optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> None:
+    """Raise BadInputError naming what keeps this step out of a CUDA graph, if anything."""
+    device = sae.W_dec.device
+    if device.type != "cuda":
+        raise BadInputError(
+            f"GraphedTrainStep captures the step in a CUDA graph, so the model must be on a CUDA device; "
+            f"it is on {device}. Use train_step on other devices."
+        )
+    problems = [
+        (sae.dtype not in TRITON_DTYPES, f"parameters in {sae.dtype} (float64 has no Triton path)"),
+        (backend(sae.W_dec) != "triton", "ATOMS_KERNELS forcing the torch path, which syncs"),
+        (is_distributed(), "torchrun (the gradients' all-reduce reads the loss back)"),
+        (cfg.sparse is False, "config.sparse=False (the graph runs the sparse path)"),
+        ("capturable" not in optimizer.defaults, f"a {type(optimizer).__name__} (not capturable)"),
+    ]
+    for bad, what in problems:
+        if bad:
+            raise BadInputError(f"GraphedTrainStep cannot capture a step with {what}; use train_step.")
+
+
+# StepStats fields of GraphedTrainStep's per-step rows, in column order.
+_GRAPHED_STATS = ("loss", "recon_loss", "sparsity_loss", "l0", "dead", "coefficient", "lr")
+
+
+def _device_ramp(step: torch.Tensor, warmup: int) -> torch.Tensor:
+    """`_ramp` of the 0-based step held in a float64 0-dim device tensor, in float64 (the host's floats)."""
+    return torch.ones_like(step) if warmup == 0 else ((step + 1) / warmup).clamp(max=1.0)
 
 
 # ------------------------------------------------------------------------------------------------------------

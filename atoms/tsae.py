@@ -45,7 +45,8 @@ from torch import nn
 
 from atoms.aip import AIP, whiten_rows
 from atoms.errors import BadInputError, as_float_tensor, check_finite
-from atoms.kernels.sparse_step import mean_squared_error, sparse_autoencode
+from atoms.kernels.sparse_step import SparseCodes, mean_squared_error, sparse_autoencode
+from atoms.kernels.sparse_triton import PaddedCodes
 from atoms.kernels.threshold_encoder import threshold_encode
 
 __all__ = [
@@ -127,6 +128,13 @@ class TrainingLoss(NamedTuple):
     """(n_atoms,) bool: latents active in some row."""
     rows: int
     """Rows in the batch."""
+    dropped: torch.Tensor | None = None
+    """(1,) int32 on the device: selected entries that did not fit in the capacity (the Triton sparse path
+    with an int capacity; 0 unless some row overflowed, and then the loss and gradients miss them). None on
+    the dense and torch paths, which are exact."""
+    counts: torch.Tensor | None = None
+    """(batch,) int32: entries each row selected (active and window), true even where a row overflowed; its
+    max is the capacity the batch needed. None where `dropped` is."""
 
 
 class SparseAutoencoder(nn.Module, ABC):
@@ -281,26 +289,40 @@ class SparseAutoencoder(nn.Module, ABC):
     def training_loss(
         self,
         x: torch.Tensor | np.ndarray,
-        coefficient: float | None = None,
+        coefficient: float | torch.Tensor | None = None,
         *,
         sparse: bool = False,
         scaled: bool = False,
+        capacity: int | None = None,
+        validate: bool = True,
     ) -> TrainingLoss:
         """The loss a training step back-propagates, on rows x (batch, d), without the outputs it does not
         need (no x_hat under the AIP norm, no dense codes on the sparse path).
 
+        coefficient: the sparsity coefficient (None: the model's own); a 0-dim tensor on the model's device
+            (cast to the penalty's dtype) lets a CUDA graph change it between replays.
         sparse: after the encoder's GEMM touch only the active entries (`atoms.kernels.sparse_step`): the same
             loss and gradients as the dense path to rounding, at a fraction of its cost when L0 is small.
         scaled: x is already in model coordinates u = s L^{-1} x (`scale_rows`), in the parameters' dtype
             and on the model's device, as the trainer passes a tensor of activations it whitened once.
+        capacity: entry slots a row on the sparse path's Triton kernels (`sparse_autoencode`): None sizes
+            them exactly (one host sync), an int is sync-free and may overflow, which the result's `dropped`
+            counts. Ignored by the dense and torch paths.
+        validate: False skips the input checks, which read x back (a host sync, which a CUDA graph cannot
+            hold): x must then be (batch, d) rows in the compute dtype (scaled: the parameters' dtype) on the
+            model's device.
         """
         if scaled:
             u, raw = x, None
         else:
-            raw, _ = self._raw_rows(x, "activations")
+            raw = self._raw_rows(x, "activations")[0] if validate else x
             u = self._scaled(raw)
+        dropped = counts = None
         if sparse:
-            u_hat, penalty, l0, fired = self._sparse_pass(u)
+            u_hat, penalty, l0, codes = self._sparse_pass(u, capacity)
+            fired = codes.fired()
+            if isinstance(codes, PaddedCodes):
+                dropped, counts = codes.dropped, codes.counts
         else:
             codes, per_sample, l0 = self._encode(u)
             u_hat = codes @ self.W_dec + self.b_dec
@@ -309,13 +331,18 @@ class SparseAutoencoder(nn.Module, ABC):
                 fired = (codes != 0).any(dim=0)
         recon = self._recon_loss(u, u_hat, raw)
         coef = self.sparsity_coefficient if coefficient is None else coefficient
+        if isinstance(coef, torch.Tensor):
+            coef = coef.to(penalty.dtype)
         sparsity = coef * penalty
-        return TrainingLoss(recon + sparsity, recon, sparsity, l0.detach().float().mean(), fired, u.shape[0])
+        l0 = l0.detach().float().mean()
+        return TrainingLoss(recon + sparsity, recon, sparsity, l0, fired, u.shape[0], dropped, counts)
 
     @abstractmethod
-    def _sparse_pass(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """u (batch, d) -> u_hat (batch, d), mean sparsity penalty (), l0 (batch,), fired (n_atoms,) bool, on
-        the sparse path."""
+    def _sparse_pass(
+        self, u: torch.Tensor, capacity: int | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, SparseCodes | PaddedCodes]:
+        """u (batch, d) -> u_hat (batch, d), mean sparsity penalty (), l0 (batch,), codes, on the sparse path
+        with `capacity` entry slots a row (`sparse_autoencode`)."""
 
     @torch.no_grad()
     def scale_rows(self, x: torch.Tensor | np.ndarray) -> torch.Tensor:
@@ -519,11 +546,13 @@ class TSAE(SparseAutoencoder):
         )
         return codes, l0, l0
 
-    def _sparse_pass(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _sparse_pass(
+        self, u: torch.Tensor, capacity: int | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, SparseCodes | PaddedCodes]:
         out = sparse_autoencode(
-            u, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self._theta(), self.bandwidth
+            u, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self._theta(), self.bandwidth, capacity
         )
-        return out.u_hat, out.l0.mean(), out.l0, out.codes.fired()
+        return out.u_hat, out.l0.mean(), out.l0, out.codes
 
     @torch.no_grad()
     def constrain_(self) -> None:
@@ -620,10 +649,12 @@ class ReLUSAE(SparseAutoencoder):
         penalty = codes @ self.W_dec.norm(dim=1)
         return codes, penalty, (codes > 0).sum(-1)
 
-    def _sparse_pass(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        out = sparse_autoencode(u, self.W_enc, self.b_enc, self.W_dec, self.b_dec)
+    def _sparse_pass(
+        self, u: torch.Tensor, capacity: int | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, SparseCodes | PaddedCodes]:
+        out = sparse_autoencode(u, self.W_enc, self.b_enc, self.W_dec, self.b_dec, capacity=capacity)
         penalty = self.W_dec.norm(dim=1) @ out.column_sums / u.shape[0]
-        return out.u_hat, penalty, out.l0, out.codes.fired()
+        return out.u_hat, penalty, out.l0, out.codes
 
     def config(self) -> dict[str, Any]:
         return {**super().config(), "l1_coefficient": self.sparsity_coefficient}
