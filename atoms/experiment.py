@@ -66,7 +66,7 @@ from atoms.experiment_progress import (
 from atoms.experiment_shift import representation_shift
 from atoms.experiment_sweep import SWEEP, sweep
 from atoms.experiment_text import TEXT, documents, spread
-from atoms.experiment_training import METRICS_SECONDS, Budget, runs
+from atoms.experiment_training import FRONTIER_SHARE, Budget, budget_weight, runs
 from atoms.experiment_verdicts import SUMMARY, VERDICT, summary, verdicts
 from atoms.models import DEFAULT_MODEL, load_model
 from atoms.text import split_articles
@@ -347,14 +347,14 @@ def run_experiment(config: ExperimentConfig | None = None, progress: bool = True
             fitted = work / "fitted" / keys.capture
             results_layers = {}
             loaded: list[int] = []
-            budget.trainings = len(runs(config)) * len(layers)
+            budget.plan([budget_weight(config, target) for _, target, _ in runs(config)] * len(layers))
             if budget.end is not None:
-                left = budget.end - time.perf_counter() - METRICS_SECONDS * budget.trainings
-                share = max(0.0, left) / budget.trainings
+                main, frontier = budget.share(1.0), budget.share(FRONTIER_SHARE)
                 bars.log(
-                    f"budget: {config.budget_minutes:g} min for the run, about {share:.0f} s for each of "
-                    f"{budget.trainings} SAE trainings (--budget sets it; a training that reaches its share "
-                    "stops, reported as not converged)"
+                    f"budget: {config.budget_minutes:g} min for the run, about {main:.0f} s for each of the "
+                    f"{config.seeds} seeds at L0 {config.main_l0:g} per kind and {frontier:.0f} s for each "
+                    f"other sparsity, {budget.trainings} SAE trainings in all (--budget sets it; a training "
+                    "that reaches its share stops, reported as not converged)"
                 )
             for layer in layers:
                 cached = work / "layers" / keys.layer / f"layer_{layer:03d}.json"

@@ -93,6 +93,7 @@ FIELD_CACHES: dict[str, frozenset[Cache]] = {
         "l0_tol": (_L,),
         "min_steps": (_L,),
         "validation_fraction": (_L, _T),
+        "validation_rows": (_L, _T),
         "target_l0_gain": (_L,),
         "target_l0_damping": (_L,),
         "target_l0_smoothing": (_L,),

@@ -103,6 +103,10 @@ class ExperimentConfig:
     validation_fraction: float = 0.1
     """Fraction of the fit tokens held out of training to evaluate the plateau rule on (the held-out
     articles stay untouched for the metrics)."""
+    validation_rows: int = 4096
+    """Most rows held out for validation (the rest of validation_fraction trains). The plateau rule compares
+    the same rows at every evaluation, so a few thousand decide it; measured at layer 9 on 2 cores, an
+    evaluation took 0.4 s on 4096 rows and 2-4.7 s on 18,000, against 40-280 ms a training step."""
     target_l0_gain: float = 0.01
     """Integral gain of the target-L0 controller (TrainConfig.target_l0_gain)."""
     target_l0_damping: float = 0.0
@@ -200,7 +204,7 @@ class ExperimentConfig:
             "card_examples": 1,
         }
         counts |= {"sweep_steps": 1, "sweep_batch_size": 1, "seed": 0, "seeds": 1, "eval_every": 1}
-        counts |= {"plateau_window": 2, "min_steps": 0}
+        counts |= {"plateau_window": 2, "min_steps": 0, "validation_rows": 1}
         counts |= {"phase_atoms": 0, "phase_grid": 1, "phase_trials": 1}
         for name, minimum in counts.items():
             if not _is_int(getattr(self, name), minimum):
@@ -301,6 +305,7 @@ class ExperimentConfig:
             "lr_warmup_steps": 500,
             "sparsity_warmup_steps": 2000,
             "q_samples": 65_536,
+            "validation_rows": 65_536,
             "neuron_samples": 8192,
             "erc_samples": 1024,
             "angle_vectors": 4000,

@@ -36,6 +36,7 @@ from atoms.experiment_progress import Progress, timed
 from atoms.experiment_shift import SHIFT, representation_shift
 from atoms.experiment_training import (
     Budget,
+    budget_weight,
     encode,
     fit_sae,
     new_sae,
@@ -152,7 +153,8 @@ def layer_results(
         folder = work / "train" / f"layer_{layer:03d}" / f"{kind}-l0_{target:g}-seed{s}-{key}"
         label = f"layer {layer}: {kind} ({n_atoms}), L0 {target:g}, seed {s}"
         with timed(seconds, f"train_{kind}_l0_{target:g}_seed{s}"):
-            fit, secs = fit_sae(model, train_x, val_x, tc, rule, folder, budget.deadline(), bars, label)
+            deadline = budget.deadline(budget_weight(config, target))
+            fit, secs = fit_sae(model, train_x, val_x, tc, rule, folder, deadline, bars, label)
         model.eval()
         record = training_record(model, fit, tc, train_x.shape[0], target, secs)
         fitted[kind, target, s] = (model, record, int(fit.result.dead_latents.sum()))

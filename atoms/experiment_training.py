@@ -121,25 +121,47 @@ def _curve(result: TrainResult) -> dict[str, list[float]]:
     )
 
 
+# A frontier point (a sparsity other than main_l0) gets this share of the budget a verdict row's training
+# gets: the verdict table rests on the main sparsity's seeds, the frontier only plots R^2 against L0.
+FRONTIER_SHARE = 0.5
+
+
+def budget_weight(config: ExperimentConfig, target: float) -> float:
+    """The share of the budget a training at `target` mean L0 gets, relative to a main-sparsity seed's."""
+    return 1.0 if target == config.main_l0 else FRONTIER_SHARE
+
+
 class Budget:
-    """The run's wall-clock budget, shared by the SAE trainings still to run."""
+    """The run's wall-clock budget, shared by the SAE trainings still to run in proportion to their
+    weights."""
 
     def __init__(self, minutes: float | None) -> None:
         self.end = None if minutes is None else time.perf_counter() + 60.0 * minutes
         self.trainings = 1
-        """Trainings still to run (set once the run knows them)."""
+        """Trainings still to run (`plan` sets it once the run knows them)."""
+        self.weight = 1.0
+        """Their weights' sum (`budget_weight`)."""
 
-    def deadline(self) -> float | None:
-        """The deadline of the next training: an equal share of the time left once the metrics of every
-        training still to run are set aside (METRICS_SECONDS each)."""
-        self.trainings = max(1, self.trainings)
-        now = time.perf_counter()
-        share = None
-        if self.end is not None:
-            spare = self.end - now - METRICS_SECONDS * self.trainings
-            share = now + max(0.0, spare) / self.trainings
-        self.trainings -= 1
-        return share
+    def plan(self, weights: list[float]) -> None:
+        """The trainings still to run, by their weights."""
+        self.trainings, self.weight = len(weights), float(sum(weights))
+
+    def share(self, weight: float = 1.0) -> float | None:
+        """Seconds a training of `weight` would get if it started now: its weight's part of the time left once
+        the metrics of every training still to run are set aside (METRICS_SECONDS each); None without a
+        budget."""
+        if self.end is None:
+            return None
+        spare = self.end - time.perf_counter() - METRICS_SECONDS * max(1, self.trainings)
+        return max(0.0, spare) * weight / max(weight, self.weight)
+
+    def deadline(self, weight: float = 1.0) -> float | None:
+        """The deadline of the next training, of `weight` (a training that stops early leaves its unused
+        time to the ones after it)."""
+        share = self.share(weight)
+        self.trainings = max(0, self.trainings - 1)
+        self.weight = max(0.0, self.weight - weight)
+        return None if share is None else time.perf_counter() + share
 
 
 def plateau_rule(config: ExperimentConfig, target: float) -> PlateauRule:
@@ -249,23 +271,20 @@ def train_config(
 
 
 def split_fit(x: torch.Tensor, config: ExperimentConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """(training rows, validation rows) of the fit tokens x (n, d): a seeded random validation_fraction."""
+    """(training rows, validation rows) of the fit tokens x (n, d): a seeded random validation_fraction, at
+    most validation_rows."""
     order = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(config.seed + 4))
-    n_val = max(1, round(config.validation_fraction * x.shape[0]))
+    n_val = max(1, min(config.validation_rows, round(config.validation_fraction * x.shape[0])))
     return x[order[n_val:]], x[order[:n_val]]
 
 
 def runs(config: ExperimentConfig) -> list[tuple[str, float, int]]:
     """(kind, target L0, seed index) of every SAE a layer trains: every sparsity once, main_l0 per seed.
 
-    In the order the budget should serve them: the atoms (the paper's subject) before the features, and at
-    each the main sparsity's seeds (the verdict table's rows) before the frontier's other points. A training
-    that plateaus early leaves its unused share to the ones after it (`Budget`).
+    In the order the budget should serve them: the main sparsity's seeds first (the verdict table's rows;
+    atoms, the paper's subject, before features), then the frontier's other points. A training that
+    plateaus early leaves its unused share to the ones after it (`Budget`).
     """
-    order = sorted(config.l0_targets, key=lambda target: target != config.main_l0)
-    return [
-        (kind, target, s)
-        for kind in ("atoms", "features")
-        for target in order
-        for s in range(config.seeds if target == config.main_l0 else 1)
-    ]
+    main = [(kind, config.main_l0, s) for kind in ("atoms", "features") for s in range(config.seeds)]
+    others = [t for t in config.l0_targets if t != config.main_l0]
+    return main + [(kind, target, 0) for kind in ("atoms", "features") for target in others]

@@ -8,6 +8,7 @@ import dataclasses
 
 import pytest
 
+from atoms import experiment_training as et
 from atoms.convergence import PlateauRule
 from atoms.experiment import DEFINITIONS, RESULTS, ExperimentConfig
 from atoms.experiment_cache import FIELD_CACHES, Cache, CacheKeys, check_declared
@@ -119,3 +120,24 @@ def test_training_keys_hold_the_code_version_and_tell_the_sweep_apart():
     assert base.training(tc, sae, rule) != base.training(dataclasses.replace(tc, lr=1e-3), sae, rule)
     ridge = CacheKeys(ExperimentConfig(ridge=0.1), "1.0+abc")
     assert ridge.training(tc, sae, rule, sweep=True) != base.training(tc, sae, rule, sweep=True)
+
+
+def test_budget_shares_follow_the_weights(monkeypatch):
+    """A frontier point gets FRONTIER_SHARE of a main seed's time; unused time passes to later trainings."""
+    clock = [0.0]
+    monkeypatch.setattr(et.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(et, "METRICS_SECONDS", 10.0)
+    config = ExperimentConfig(l0_targets=(8.0, 32.0), main_l0=32.0, seeds=2)
+    plan = et.runs(config)
+    main = [("atoms", 32.0, 0), ("atoms", 32.0, 1), ("features", 32.0, 0), ("features", 32.0, 1)]
+    assert plan == [*main, ("atoms", 8.0, 0), ("features", 8.0, 0)]
+    budget = et.Budget(minutes=1.0)  # 60 s, 6 trainings: 60 s of metrics set aside leaves nothing
+    budget.plan([et.budget_weight(config, t) for _, t, _ in plan])
+    assert budget.weight == 4 + 2 * et.FRONTIER_SHARE and budget.share() == 0.0
+    budget = et.Budget(minutes=3.0)  # 180 s - 60 s of metrics = 120 s over weight 5
+    budget.plan([et.budget_weight(config, t) for _, t, _ in plan])
+    assert budget.share(1.0) == pytest.approx(24.0) and budget.share(0.5) == pytest.approx(12.0)
+    assert budget.deadline(1.0) == pytest.approx(24.0)
+    clock[0] = 4.0  # the first training plateaued after 4 s: the other 20 s go to the rest
+    assert budget.deadline(1.0) == pytest.approx(4.0 + (180 - 4 - 50) / 4)
+    assert et.Budget(None).deadline() is None
