@@ -218,11 +218,15 @@ class PlateauTracker:
         return None
 
     def _l0_note(self) -> str:
-        l0 = self.l0s[-1]
-        if l0 is None:
+        """The L0 the rule judged: the window's average with a target, else its range."""
+        window = self.l0s[-self.rule.window :]
+        if any(v is None for v in window):
             return "; mean L0 not recorded"
-        target = "" if self.rule.target_l0 is None else f" (target {self.rule.target_l0:.4g})"
-        return f"; mean L0 {l0:.4g}{target}"
+        values = [float(v) for v in window if v is not None]
+        if self.rule.target_l0 is None:
+            return f"; mean L0 between {min(values):.4g} and {max(values):.4g}"
+        average = sum(values) / len(values)
+        return f"; mean L0 averaged {average:.4g} over the window (target {self.rule.target_l0:.4g})"
 
     def finalize(self) -> Convergence:
         """The decision for the run as it ended: converged, or why not, prefixed with "budget exhausted
