@@ -225,6 +225,7 @@ def layer_results(
                     seed_statistics(kind, s, dic_aip, codes, h, x_hat, aip, sample_rows, record, config)
                 )
             step(advance=1)
+    budget.measured(len(fitted))
     evidence = claims(
         layer, config, n_atoms, d, angles, neuron_q, per_seed, fit_cap.n_tokens, dics, int(h.shape[0])
     )

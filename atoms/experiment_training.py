@@ -123,7 +123,7 @@ def _curve(result: TrainResult) -> dict[str, list[float]]:
 
 # A frontier point (a sparsity other than main_l0) gets this share of the budget a verdict row's training
 # gets: the verdict table rests on the main sparsity's seeds, the frontier only plots R^2 against L0.
-FRONTIER_SHARE = 0.5
+FRONTIER_SHARE = 0.25
 
 
 def budget_weight(config: ExperimentConfig, target: float) -> float:
@@ -133,7 +133,7 @@ def budget_weight(config: ExperimentConfig, target: float) -> float:
 
 class Budget:
     """The run's wall-clock budget, shared by the SAE trainings still to run in proportion to their
-    weights."""
+    weights, after setting aside the metrics still to compute."""
 
     def __init__(self, minutes: float | None) -> None:
         self.end = None if minutes is None else time.perf_counter() + 60.0 * minutes
@@ -141,18 +141,24 @@ class Budget:
         """Trainings still to run (`plan` sets it once the run knows them)."""
         self.weight = 1.0
         """Their weights' sum (`budget_weight`)."""
+        self.unmeasured = 1
+        """Trainings whose metrics are still to compute: a layer computes them after all its trainings."""
 
     def plan(self, weights: list[float]) -> None:
         """The trainings still to run, by their weights."""
-        self.trainings, self.weight = len(weights), float(sum(weights))
+        self.trainings, self.weight, self.unmeasured = len(weights), float(sum(weights)), len(weights)
+
+    def measured(self, trainings: int) -> None:
+        """A layer computed the metrics of `trainings` trainings: their reserve is free again."""
+        self.unmeasured = max(0, self.unmeasured - trainings)
 
     def share(self, weight: float = 1.0) -> float | None:
         """Seconds a training of `weight` would get if it started now: its weight's part of the time left once
-        the metrics of every training still to run are set aside (METRICS_SECONDS each); None without a
+        METRICS_SECONDS is set aside for each training whose metrics are still to compute; None without a
         budget."""
         if self.end is None:
             return None
-        spare = self.end - time.perf_counter() - METRICS_SECONDS * max(1, self.trainings)
+        spare = self.end - time.perf_counter() - METRICS_SECONDS * self.unmeasured
         return max(0.0, spare) * weight / max(weight, self.weight)
 
     def deadline(self, weight: float = 1.0) -> float | None:

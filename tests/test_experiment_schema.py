@@ -131,13 +131,19 @@ def test_budget_shares_follow_the_weights(monkeypatch):
     plan = et.runs(config)
     main = [("atoms", 32.0, 0), ("atoms", 32.0, 1), ("features", 32.0, 0), ("features", 32.0, 1)]
     assert plan == [*main, ("atoms", 8.0, 0), ("features", 8.0, 0)]
+    weights = [et.budget_weight(config, t) for _, t, _ in plan]
     budget = et.Budget(minutes=1.0)  # 60 s, 6 trainings: 60 s of metrics set aside leaves nothing
-    budget.plan([et.budget_weight(config, t) for _, t, _ in plan])
+    budget.plan(weights)
     assert budget.weight == 4 + 2 * et.FRONTIER_SHARE and budget.share() == 0.0
-    budget = et.Budget(minutes=3.0)  # 180 s - 60 s of metrics = 120 s over weight 5
-    budget.plan([et.budget_weight(config, t) for _, t, _ in plan])
-    assert budget.share(1.0) == pytest.approx(24.0) and budget.share(0.5) == pytest.approx(12.0)
-    assert budget.deadline(1.0) == pytest.approx(24.0)
-    clock[0] = 4.0  # the first training plateaued after 4 s: the other 20 s go to the rest
-    assert budget.deadline(1.0) == pytest.approx(4.0 + (180 - 4 - 50) / 4)
+    budget = et.Budget(minutes=3.0)  # 180 s - 60 s of metrics = 120 s over weight 4.5
+    budget.plan(weights)
+    assert budget.share(1.0) == pytest.approx(120 / 4.5)
+    assert budget.share(0.25) == pytest.approx(120 / 4.5 / 4)
+    assert budget.deadline(1.0) == pytest.approx(120 / 4.5)
+    # The first training plateaued after 4 s: the rest share what is left, the metrics of all six (they run
+    # after the layer's last training) still set aside.
+    clock[0] = 4.0
+    assert budget.deadline(1.0) == pytest.approx(4.0 + (180 - 4 - 60) / 3.5)
+    budget.measured(6)
+    assert budget.share(0.25) == pytest.approx((180 - 4) * 0.25 / 2.5)  # weight 2.5 left, nothing to measure
     assert et.Budget(None).deadline() is None
