@@ -198,6 +198,8 @@ def fit_sae(
     start = time.perf_counter()
 
     def tick(stats: StepStats) -> None:
+        if stats.step >= tc.steps:
+            return  # the last step: the line that ends the task says why it stopped
         update(completed=stats.step, description=f"{label}  recon {stats.recon_loss:.3f}  l0 {stats.l0:.0f}")
 
     fit = fit_to_plateau(
