@@ -82,6 +82,7 @@ FIELD_CACHES: dict[str, frozenset[Cache]] = {
         "steps": (_L,),
         "batch_size": (_L,),
         "lr": (_L,),
+        "adam_beta1": (_L,),
         "lr_warmup_steps": (_L,),
         "sparsity_warmup_steps": (_L,),
         "l0_targets": (_L,),

@@ -262,6 +262,7 @@ def train_config(
     """The TrainConfig of one SAE: n_fit training rows, `steps` at most, `target` mean L0 (None: none)."""
     return TrainConfig(
         lr=config.lr,
+        betas=(config.adam_beta1, TrainConfig.betas[1]),
         batch_size=batch_size,
         steps=steps,
         lr_warmup_steps=config.lr_warmup_steps,
