@@ -98,7 +98,7 @@ def markdown(runs: list[dict[str, Any]], args: argparse.Namespace, tokens: int) 
             [
                 f"Capture: {tokens:,} fit tokens at layer {args.layer} (SmolLM2-135M, the Wikipedia sample).",
                 f"Target L0 {args.target:g}; at most {args.steps} steps of {MAIN.batch_size};",
-                f"lr {MAIN.lr:g};",
+                f"lr {MAIN.lr:g}; Adam beta1 {MAIN.adam_beta1:g};",
                 f"TSAE bandwidth {MAIN.bandwidth:g}; at most {MAIN.validation_rows} validation rows.",
                 f"The main job's plateau rule: a window of {MAIN.plateau_window} evaluations every",
                 f"{MAIN.eval_every} steps, L0 tolerance {MAIN.l0_tol:.0%} on the window's average.",
