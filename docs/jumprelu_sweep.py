@@ -24,6 +24,7 @@ import shlex
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -34,6 +35,7 @@ from atoms.activations import Capture, capture
 from atoms.aip import AIP
 from atoms.experiment_config import ExperimentConfig
 from atoms.experiment_text import spread as _spread
+from atoms.experiment_training import train_config as main_train_config
 from atoms.metrics import r2
 from atoms.models import DEFAULT_MODEL, load_model
 from atoms.text import split_articles, wikipedia_articles
@@ -125,20 +127,10 @@ def capture_layer(layer: int, tokens: int, seed: int) -> tuple[Capture, Capture]
 
 
 def train_config(steps: int, n_fit: int, seed: int, bandwidth: float | None = None) -> TrainConfig:
-    """The main job's training settings (atoms.experiment_training.train_config) at `steps` steps."""
-    return TrainConfig(
-        lr=MAIN.lr,
-        batch_size=MAIN.batch_size,
-        steps=steps,
-        lr_warmup_steps=MAIN.lr_warmup_steps,
-        sparsity_warmup_steps=MAIN.sparsity_warmup_steps,
-        target_l0=MAIN.main_l0,
-        target_l0_gain=MAIN.target_l0_gain,
-        seed=seed,
-        dead_window=n_fit,
-        input_scale_samples=min(n_fit, 16_384),
-        bandwidth=bandwidth,
-    )
+    """The main job's training settings (atoms.experiment_training.train_config) at `steps` steps, with the
+    sweep's seed and, for a module of one's own (the log-threshold contrast), its bandwidth."""
+    main = main_train_config(MAIN, n_fit, steps, MAIN.batch_size, MAIN.main_l0)
+    return replace(main, seed=seed, bandwidth=bandwidth)
 
 
 def summarise(
@@ -379,7 +371,8 @@ def report(
         f"AIP fitted on the fit moment (condition number {aip.condition_number:.3g}). Every run: TSAE with "
         f"4 d latents in the AIP norm, {args.steps} steps of batch {MAIN.batch_size}, lr {MAIN.lr:g} "
         f"(warm-up {MAIN.lr_warmup_steps}), sparsity warm-up {MAIN.sparsity_warmup_steps}, target L0 "
-        f"{target:g} (controller gain {MAIN.target_l0_gain:g}), the same initial weights and batch order. "
+        f"{target:g} (controller gain {MAIN.target_l0_gain:g}), Adam beta1 {MAIN.adam_beta1:g}, the same "
+        "initial weights and batch order. "
         "Thresholds and bandwidths are in the model's coordinates (inputs at unit mean squared norm).",
         "",
         "Columns: held-out R^2 in both norms (`atoms.metrics.r2`); held-out mean L0; the training L0 (mean "

@@ -323,7 +323,7 @@ def test_an_interrupted_run_resumes_and_matches_an_uninterrupted_one(run, tiny, 
 
 def test_command_flags_build_the_config():
     config = command_config(layers="2, 4", tokens=1024, text=["a.txt"], output=Path("x"), threads=1)
-    assert config.preset == "default" and config.layers == (2, 4) and config.steps == 3000
+    assert config.preset == "default" and config.layers == (2, 4) and config.steps == 6000
     assert config.fit_tokens == 1024 and config.heldout_tokens == 512
     assert config.text_files == ("a.txt",) and config.output == "x" and config.threads == 1
     quick = command_config(quick=True, n_atoms=64, seed=3, sweep=True)
