@@ -368,9 +368,22 @@ def _all_reduce_step(
     return total, (packed[5:] > 0).to(fired.device), (packed[1:5] / total).tolist()
 
 
-def _l0_error(l0: float, target: float) -> float:
-    """clip(log(l0 / target), -1, 1): symmetric in over- and undershoot, bounded for l0 = 0."""
-    return max(-1.0, min(1.0, math.log(l0 / target))) if l0 > 0 else -1.0
+def _l0_error(l0: torch.Tensor, target: float) -> torch.Tensor:
+    """clip(log(l0 / target), -1, 1) of a float64 tensor: symmetric in over- and undershoot; -1 where l0 is
+    0 (or NaN)."""
+    return torch.where(l0 > 0, torch.log(l0 / target).clamp(-1.0, 1.0), -1.0)
+
+
+def _control_law(
+    l0: torch.Tensor, filtered: torch.Tensor, controlled: torch.Tensor, config: TrainConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log of the factor lambda is multiplied by, the new filtered error) after a step of mean L0 `l0`;
+    float64 0-dim tensors, device operations only, so `train_step` (on the host) and `GraphedTrainStep`
+    (inside a CUDA graph) run the same law. `controlled`: whether `filtered` holds an earlier error."""
+    error = _l0_error(l0, config.target_l0)
+    before = torch.where(controlled, filtered, 0.0)
+    now = torch.where(controlled, filtered + config.target_l0_smoothing * (error - filtered), error)
+    return config.target_l0_gain * now + config.target_l0_damping * (now - before), now
 
 
 def l0_control(l0: float, filtered: float | None, config: TrainConfig) -> tuple[float, float]:
@@ -384,10 +397,14 @@ def l0_control(l0: float, filtered: float | None, config: TrainConfig) -> tuple[
     """
     if config.target_l0 is None:
         raise BadInputError("l0_control needs TrainConfig.target_l0; set it, or do not adapt lambda.")
-    error = _l0_error(l0, config.target_l0)
-    before = 0.0 if filtered is None else filtered
-    now = error if filtered is None else filtered + config.target_l0_smoothing * (error - filtered)
-    return math.exp(config.target_l0_gain * now + config.target_l0_damping * (now - before)), now
+
+    def scalar(value: float) -> torch.Tensor:
+        return torch.tensor(value, dtype=torch.float64)
+
+    log_factor, now = _control_law(
+        scalar(l0), scalar(filtered or 0.0), torch.tensor(filtered is not None), config
+    )
+    return float(torch.exp(log_factor)), float(now)
 
 
 def use_sparse_path(config: TrainConfig, state: TrainState, n_atoms: int) -> bool:
@@ -684,17 +701,11 @@ class GraphedTrainStep:
             self._step.add_(1)
 
     def _control(self, l0: torch.Tensor, step: torch.Tensor) -> None:
-        """`l0_control` on the device (float64, as on the host), from the step's sparsity warm-up on."""
-        cfg = self.state.config
-        # Where l0 <= 0 (or NaN) the error is -1, as _l0_error's.
-        error = torch.where(l0 > 0, torch.log(l0 / cfg.target_l0).clamp(-1.0, 1.0), -1.0)
-        filtered = self._filtered
-        before = torch.where(self._controlled, filtered, 0.0)
-        now = torch.where(self._controlled, filtered + cfg.target_l0_smoothing * (error - filtered), error)
-        factor = torch.exp(cfg.target_l0_gain * now + cfg.target_l0_damping * (now - before))
-        on = step >= cfg.sparsity_warmup_steps
-        self._coefficient.copy_(torch.where(on, self._coefficient * factor, self._coefficient))
-        self._filtered.copy_(torch.where(on, now, filtered))
+        """`l0_control`'s law on the device, from the step's sparsity warm-up on."""
+        log_factor, now = _control_law(l0, self._filtered, self._controlled, self.state.config)
+        on = step >= self.state.config.sparsity_warmup_steps
+        self._coefficient.copy_(torch.where(on, self._coefficient * torch.exp(log_factor), self._coefficient))
+        self._filtered.copy_(torch.where(on, now, self._filtered))
         self._controlled.logical_or_(on)
 
     def __call__(self, batch: torch.Tensor | np.ndarray) -> list[StepStats]:
