@@ -34,7 +34,7 @@ from atoms.dictionary import Dictionary
 from atoms.errors import BadInputError, IllConditionedError, as_float_tensor
 from atoms.kernels.progress import Progress, ticker
 from atoms.kernels.support_gram import support_coherence
-from atoms.recovery import RecoveryResult, basis_pursuit, certify_codes, erc, wilson_interval
+from atoms.recovery import RecoveryResult, basis_pursuit, certify_codes, erc_of_atoms, wilson_interval
 from atoms.uniqueness import spark_lower_bounds
 
 __all__ = [
@@ -540,7 +540,9 @@ def _erc_of_support(unit: torch.Tensor, support: torch.Tensor) -> float:
         independent = np.linalg.matrix_rank(unit.numpy()) == unit.shape[0]
         return 0.0 if independent else math.inf
     try:
-        return erc(unit, support)
+        # unit is the checked Dictionary's float64 CPU copy: each call skips erc()'s checks of the whole
+        # dictionary, which cost more than the solve at 2304 atoms.
+        return erc_of_atoms(unit, support.long())
     except IllConditionedError:
         return math.inf
 
@@ -587,10 +589,10 @@ def certified_fractions(
     A sample with the zero code counts as certified under all three (its representation is unique).
     progress: False, True (tqdm bars on stderr) or a hook(done, total): the spark bounds' walks each report
     (when spark_lower is None), then one series over the ERC samples plus one step for the whole BP batch.
-    Cost measured here at 2304 random atoms in d = 576 (2 shared cores): the spark bounds 13 s, ERC about 1 s
-    per sample. Memory: the spark bounds O(tile x n_atoms), ERC O(n_atoms x d) per sample, and BP a dense
-    (bp_samples, n_atoms) code array: keep bp_samples small for large dictionaries.
-    Devices: ERC runs in numpy on a CPU copy, basis pursuit's batched solver on the dictionary's device; the
+    Cost measured here at 2304 random atoms in d = 576 (2 shared cores, 2026-12-05): the spark bounds 0.1 s,
+    ERC 1.2 ms per sample of 32 atoms. Memory: the spark bounds O(tile x n_atoms), ERC O(n_atoms x d) per
+    sample, and BP a dense (bp_samples, n_atoms) code array: keep bp_samples small for large dictionaries.
+    Devices: ERC runs in float64 on a CPU copy, basis pursuit's batched solver on the dictionary's device; the
     result's tensors are on values' device.
     """
     start = time.perf_counter()

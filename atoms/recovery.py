@@ -50,6 +50,7 @@ __all__ = [
     "donoho_tanner_curve",
     "dual_certificate",
     "erc",
+    "erc_of_atoms",
     "phase_transition",
     "wilson_interval",
 ]
@@ -786,9 +787,8 @@ def erc(W_dec: Array | Dictionary, support: Array | list[int]) -> float:
     """Tropp's exact recovery coefficient max_{j not in L} ||pinv(D_L) d_j||_1 for a support L.
 
     W_dec (n_atoms, d) rows are atoms, used as given (unit-normalise or whiten first for coherence bounds);
-    D_L = W_dec[L]^T (d, k). pinv(D_L) d_j is computed as the least-squares solution of D_L c = d_j (lstsq, no
-    pseudo-inverse is formed). ERC(L) < 1 implies basis pursuit and OMP recover every code supported on L
-    (Tropp 2004). W_dec and support on any device: the solve runs in numpy on the CPU.
+    D_L = W_dec[L]^T (d, k). ERC(L) < 1 implies basis pursuit and OMP recover every code supported on L
+    (Tropp 2004). W_dec and support on any device: the solve runs in float64 on the CPU (`erc_of_atoms`).
     """
     W = _raw_atoms(W_dec).cpu()
     n_atoms = W.shape[0]
@@ -802,17 +802,34 @@ def erc(W_dec: Array | Dictionary, support: Array | list[int]) -> float:
             f"support {L.tolist()[:20]} must hold distinct indices in [0, {n_atoms}); remove repeats and "
             "out-of-range entries."
         )
-    off = torch.ones(n_atoms, dtype=torch.bool)
-    off[L] = False
-    if not bool(off.any()):
+    if L.numel() == n_atoms:
         raise BadInputError("support covers every atom; ERC needs at least one atom outside the support.")
-    coef, _, rank, _ = np.linalg.lstsq(W[L].T.numpy(), W[off].T.numpy(), rcond=None)
-    if rank < L.numel():
+    return erc_of_atoms(W, L)
+
+
+def erc_of_atoms(W: torch.Tensor, L: torch.Tensor) -> float:
+    """`erc` without the input checks, for callers that evaluate many supports of one checked dictionary.
+
+    W (n_atoms, d) float64 on the CPU; L (k,) distinct int64 indices, 0 < k < n_atoms. pinv(D_L) d_j is the
+    least-squares solution of D_L c = d_j, taken from the thin QR factorisation D_L = Q R as the triangular
+    solve R c = Q^T d_j for every atom at once (no pseudo-inverse is formed): one (k, d) x (d, n_atoms)
+    product, where a least-squares solver per call would also factor and copy the off-support atoms. The
+    support's rank is decided as numpy's lstsq does, on the singular values of R (those of D_L) against
+    eps * max(d, k) times the largest; a rank-deficient support raises IllConditionedError.
+    """
+    k, d = L.numel(), W.shape[1]
+    Q, R = torch.linalg.qr(W[L].T)
+    singular = torch.linalg.svdvals(R)
+    rank = int((singular > torch.finfo(W.dtype).eps * max(d, k) * singular[0]).sum())
+    if rank < k:
         raise IllConditionedError(
-            f"the {L.numel()} atoms of the support span only rank {rank}; ERC needs linearly independent "
+            f"the {k} atoms of the support span only rank {rank}; ERC needs linearly independent "
             "atoms on the support. Use a smaller support or remove duplicate atoms."
         )
-    return float(np.abs(coef).sum(axis=0).max())
+    coef = torch.linalg.solve_triangular(R, Q.T @ W.T, upper=True)  # (k, n_atoms)
+    column_l1 = coef.abs().sum(dim=0)
+    column_l1[L] = -math.inf  # the support's own atoms are not in the max
+    return float(column_l1.max())
 
 
 def wilson_interval(successes: Array, trials: int, z: float = _WILSON_Z) -> tuple[torch.Tensor, torch.Tensor]:

@@ -20,6 +20,7 @@ from atoms.recovery import (
     donoho_tanner_curve,
     dual_certificate,
     erc,
+    erc_of_atoms,
     phase_transition,
     wilson_interval,
 )
@@ -298,6 +299,27 @@ def test_erc_gaussian_matches_tropp_bound():
     for K in (1, 2):
         value = erc(W, list(range(K)))
         assert value <= K * mu / (1 - (K - 1) * mu) + 1e-12
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 10_000), st.integers(1, 47))
+def test_erc_of_atoms_matches_least_squares(seed, k):
+    # The QR form against numpy's SVD-based lstsq, up to supports one short of d = 48.
+    rng = np.random.default_rng(seed)
+    W = rng.standard_normal((160, 48))
+    L = rng.choice(160, k, replace=False)
+    off = np.delete(np.arange(160), L)
+    coef, *_ = np.linalg.lstsq(W[L].T, W[off].T, rcond=None)
+    reference = np.abs(coef).sum(axis=0).max()
+    value = erc_of_atoms(torch.from_numpy(W), torch.from_numpy(L))
+    cond = np.linalg.cond(W[L].T)
+    assert value == pytest.approx(reference, rel=1e-12 * cond, abs=1e-12)
+
+
+def test_erc_of_atoms_rejects_a_dependent_support():
+    W = torch.from_numpy(np.vstack([W_DH[:5], 3 * W_DH[2]]))
+    with pytest.raises(IllConditionedError, match="span only rank 1"):
+        erc_of_atoms(W, torch.tensor([2, 5]))
 
 
 def wilson_scipy(k: int, n: int) -> tuple[float, float]:
