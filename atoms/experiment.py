@@ -66,7 +66,7 @@ from atoms.experiment_progress import (
 from atoms.experiment_shift import representation_shift
 from atoms.experiment_sweep import SWEEP, sweep
 from atoms.experiment_text import TEXT, documents, spread
-from atoms.experiment_training import FRONTIER_SHARE, Budget, budget_weight, runs
+from atoms.experiment_training import FRONTIER_SHARE, KIND_WEIGHT, Budget, budget_weight, runs
 from atoms.experiment_verdicts import SUMMARY, VERDICT, summary, verdicts
 from atoms.models import DEFAULT_MODEL, load_model
 from atoms.text import split_articles
@@ -347,14 +347,17 @@ def run_experiment(config: ExperimentConfig | None = None, progress: bool = True
             fitted = work / "fitted" / keys.capture
             results_layers = {}
             loaded: list[int] = []
-            budget.plan([budget_weight(config, target) for _, target, _ in runs(config)] * len(layers))
+            weights = [budget_weight(config, kind, target) for kind, target, _ in runs(config)]
+            budget.plan(weights * len(layers))
             if budget.end is not None:
-                main, frontier = budget.share(1.0), budget.share(FRONTIER_SHARE)
+                atoms_s, features_s = (budget.share(KIND_WEIGHT[kind]) for kind in ("atoms", "features"))
                 bars.log(
-                    f"budget: {config.budget_minutes:g} min for the run, about {main:.0f} s for each of the "
-                    f"{config.seeds} seeds at L0 {config.main_l0:g} per kind and {frontier:.0f} s for each "
-                    f"other sparsity, {budget.trainings} SAE trainings in all (--budget sets it; a training "
-                    "that reaches its share stops, reported as not converged)"
+                    f"budget: {config.budget_minutes:g} min for the run, about {atoms_s:.0f} s for each TSAE "
+                    f"(atoms) and {features_s:.0f} s for each ReLU SAE (features) of the {config.seeds} "
+                    f"seeds at L0 {config.main_l0:g}, {FRONTIER_SHARE:g} of that at each other sparsity, "
+                    f"{budget.trainings} SAE trainings in all (--budget sets it; a training that reaches its "
+                    "share stops, reported as not converged, and one that stops early leaves its time to the "
+                    "rest)"
                 )
             for layer in layers:
                 cached = work / "layers" / keys.layer / f"layer_{layer:03d}.json"

@@ -153,7 +153,7 @@ def layer_results(
         folder = work / "train" / f"layer_{layer:03d}" / f"{kind}-l0_{target:g}-seed{s}-{key}"
         label = f"layer {layer}: {kind} ({n_atoms}), L0 {target:g}, seed {s}"
         with timed(seconds, f"train_{kind}_l0_{target:g}_seed{s}"):
-            deadline = budget.deadline(budget_weight(config, target))
+            deadline = budget.deadline(budget_weight(config, kind, target))
             fit, secs = fit_sae(model, train_x, val_x, tc, rule, folder, deadline, bars, label)
         model.eval()
         record = training_record(model, fit, tc, train_x.shape[0], target, secs)

@@ -123,7 +123,8 @@ def test_training_keys_hold_the_code_version_and_tell_the_sweep_apart():
 
 
 def test_budget_shares_follow_the_weights(monkeypatch):
-    """A frontier point gets FRONTIER_SHARE of a main seed's time; unused time passes to later trainings."""
+    """A frontier point gets FRONTIER_SHARE of a main seed's time, a ReLU SAE KIND_WEIGHT times a TSAE's;
+    unused time passes to later trainings."""
     clock = [0.0]
     monkeypatch.setattr(et.time, "perf_counter", lambda: clock[0])
     monkeypatch.setattr(et, "METRICS_SECONDS", 10.0)
@@ -131,19 +132,20 @@ def test_budget_shares_follow_the_weights(monkeypatch):
     plan = et.runs(config)
     main = [("atoms", 32.0, 0), ("atoms", 32.0, 1), ("features", 32.0, 0), ("features", 32.0, 1)]
     assert plan == [*main, ("atoms", 8.0, 0), ("features", 8.0, 0)]
-    weights = [et.budget_weight(config, t) for _, t, _ in plan]
+    weights = [et.budget_weight(config, kind, t) for kind, t, _ in plan]
+    assert weights == [1.0, 1.0, 1.6, 1.6, 0.25, 0.4]
     budget = et.Budget(minutes=1.0)  # 60 s, 6 trainings: 60 s of metrics set aside leaves nothing
     budget.plan(weights)
-    assert budget.weight == 4 + 2 * et.FRONTIER_SHARE and budget.share() == 0.0
-    budget = et.Budget(minutes=3.0)  # 180 s - 60 s of metrics = 120 s over weight 4.5
+    assert budget.weight == pytest.approx(5.85) and budget.share() == 0.0
+    budget = et.Budget(minutes=3.0)  # 180 s - 60 s of metrics = 120 s over weight 5.85
     budget.plan(weights)
-    assert budget.share(1.0) == pytest.approx(120 / 4.5)
-    assert budget.share(0.25) == pytest.approx(120 / 4.5 / 4)
-    assert budget.deadline(1.0) == pytest.approx(120 / 4.5)
+    assert budget.share(1.0) == pytest.approx(120 / 5.85)
+    assert budget.share(0.25) == pytest.approx(120 / 5.85 / 4)
+    assert budget.deadline(1.0) == pytest.approx(120 / 5.85)
     # The first training plateaued after 4 s: the rest share what is left, the metrics of all six (they run
     # after the layer's last training) still set aside.
     clock[0] = 4.0
-    assert budget.deadline(1.0) == pytest.approx(4.0 + (180 - 4 - 60) / 3.5)
+    assert budget.deadline(1.0) == pytest.approx(4.0 + (180 - 4 - 60) / 4.85)
     budget.measured(6)
-    assert budget.share(0.25) == pytest.approx((180 - 4) * 0.25 / 2.5)  # weight 2.5 left, nothing to measure
+    assert budget.share(0.25) == pytest.approx((180 - 4) * 0.25 / 3.85)  # weight 3.85 left, none to measure
     assert et.Budget(None).deadline() is None
