@@ -69,7 +69,7 @@ __all__ = [
 CHECKPOINT_FORMAT = "atoms.train"
 CHECKPOINT_VERSION = 1
 # Fields that may change between an interrupted run and its resumption without changing any step's arithmetic.
-_RESUMABLE_CHANGES = ("steps", "checkpoint_every", "keep_checkpoints", "log_every")
+_RESUMABLE_CHANGES = ("steps", "checkpoint_every", "keep_checkpoints", "log_every", "cuda_graph")
 # StepStats fields that TrainResult returns as per-step tensors.
 _HISTORY = ("loss", "recon_loss", "sparsity_loss", "l0", "dead", "coefficient", "lr", "sparse")
 # The sparse path is chosen when the previous step's mean L0 is at most this fraction of n_atoms. Measured
@@ -149,6 +149,13 @@ class TrainConfig:
     """The step's path: True the sparse one (`atoms.kernels.sparse_step`: after the encoder's GEMM only the
     active entries are touched), False the dense one, None chooses per step from the previous step's L0
     (`use_sparse_path`). Both give the same loss and gradients to rounding."""
+    cuda_graph: bool = False
+    """`train` only: run the steps through `GraphedTrainStep` (the whole step captured once in a CUDA graph
+    and replayed: no host sync and no Python launches per step). Needs a CUDA model on the Triton sparse
+    path, activations as one tensor (fixed batch shapes) and no torchrun. Stats come back every log_every
+    steps (and at checkpoints and the end), so `stop` and `callback` see them then: a run that `stop` ends
+    has also taken the rest of that period's steps, all in its history. A capacity overflow rolls the run
+    back to the last read and redoes those steps with twice the capacity. Not yet run on a GPU."""
     whiten_once: bool | None = None
     """For an AIP-norm model trained from a tensor: whiten and scale all the activations once at the start
     (`SparseAutoencoder.scale_rows`, a copy of their size in the model's dtype on its device) instead of a
@@ -792,6 +799,84 @@ def _device_ramp(step: torch.Tensor, warmup: int) -> torch.Tensor:
     return torch.ones_like(step) if warmup == 0 else ((step + 1) / warmup).clamp(max=1.0)
 
 
+class _GraphedSteps:
+    """`train`'s steps through a GraphedTrainStep, with a rollback point at every read.
+
+    A capacity overflow is only seen at a read, after the steps since the previous one were applied with
+    entries missing. So each successful read keeps a copy of everything those steps write (parameters,
+    Adam's state, `state`, the data position; on the device, about three times the parameters' memory),
+    and an overflow restores it, captures a new graph with twice the capacity (at most n_atoms, which cannot
+    overflow) and lets the loop redo the steps: the run then equals one that never overflowed.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: TrainState, source, scaled):
+        if not isinstance(source, _TensorBatches):
+            raise BadInputError(
+                "TrainConfig.cuda_graph needs the activations as one (n, d) tensor: a graph replays one "
+                "batch shape, and an overflow rewinds the data, which an iterator cannot do. Pass a tensor, "
+                "or set cuda_graph=False."
+            )
+        self.model, self.optimizer, self.state, self.source, self.scaled = (
+            model,
+            optimizer,
+            state,
+            source,
+            scaled,
+        )
+        self.graph = self._capture(capacity=None)
+        self._mark()
+
+    def _capture(self, capacity: int | None) -> GraphedTrainStep:
+        # A fixed sample (its own generator: the batch sequence is untouched) sets the shape and, with
+        # capacity None, the capacity.
+        example = self.source.sample(self.state.config.batch_size, self.state.config.seed + 2)
+        return GraphedTrainStep(
+            self.model, self.optimizer, self.state, example, capacity=capacity, scaled=self.scaled
+        )
+
+    def _mark(self) -> None:
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        self._params = [p.detach().clone() for p in params]
+        self._slots = {
+            p: {
+                k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in self.optimizer.state[p].items()
+            }
+            for p in params
+        }
+        self._state, self._data = self.state.state_dict(), self.source.state_dict()
+
+    def _rollback(self) -> None:
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        with torch.no_grad():
+            for p, saved in zip(params, self._params, strict=True):
+                p.copy_(saved)
+        for p in params:
+            # New tensors, not copies into the old ones: the graph that held those is replaced below. A
+            # parameter without state at the mark (no step taken yet) gets none back.
+            saved = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in self._slots[p].items()}
+            if saved:
+                self.optimizer.state[p] = saved
+            else:
+                self.optimizer.state.pop(p, None)
+        self.state.load_state_dict(self._state)
+        self.source.load_state_dict(self._data)
+        self.graph = self._capture(capacity=min(2 * self.graph.capacity, self.graph.sae.n_atoms))
+
+    def __call__(self, flush: bool) -> list[StepStats]:
+        """One step; the stats of the steps since the last read when it read them (every log_every steps,
+        and now if `flush`), else []. After an overflow: [], with the run rolled back to the last read."""
+        try:
+            stats = self.graph(self.source.next())
+            if not stats and flush:
+                stats = self.graph.read()
+        except CapacityOverflowError:
+            self._rollback()
+            return []
+        if stats:
+            self._mark()
+        return stats
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Data sources with a resumable position
 # ------------------------------------------------------------------------------------------------------------
@@ -1087,7 +1172,8 @@ def train(
     `callback(stats)` runs after each step (and after that step's checkpoint); an exception it raises stops
     the run, resumable from the last checkpoint. `stop(stats)`, asked after each step before its
     checkpoint, ends the run early when it returns True (e.g. a plateau rule, `atoms.fit`): that step is
-    checkpointed and the result holds the steps so far.
+    checkpointed and the result holds the steps so far. With `config.cuda_graph` the steps run through a
+    GraphedTrainStep and their stats arrive a period at a time (`TrainConfig.cuda_graph`).
 
     Under torchrun (an initialised process group), call `train` on every rank with the same model
     construction, activations and config; see the module docstring. checkpoint_dir must be a directory every
@@ -1116,10 +1202,23 @@ def train(
     # After the input scale is fitted or restored: the rows are whitened at the scale the steps use.
     scaled = _whiten_once(source, sae, config)
 
+    graphed = _GraphedSteps(model, optimizer, state, source, scaled) if config.cuda_graph else None
+
+    def next_steps() -> list[StepStats]:
+        """The next step's stats (a period's, or none yet, through the graph)."""
+        if graphed is None:
+            return [train_step(model, optimizer, source.next(), state, scaled=scaled)]
+        at_checkpoint = ckpt_dir is not None and (state.step + 1) % config.checkpoint_every == 0
+        return graphed(flush=at_checkpoint or state.step + 1 == config.steps)
+
     while state.step < config.steps:
-        stats = train_step(model, optimizer, source.next(), state, scaled=scaled)
-        history.append(stats)
-        stopping = stop is not None and bool(stop(stats))
+        steps = next_steps()
+        if not steps:
+            continue
+        stopping = False
+        for stats in steps:
+            history.append(stats)
+            stopping = stopping or (stop is not None and bool(stop(stats)))
         last = stopping or state.step == config.steps
         if ckpt_dir is not None and (state.step % config.checkpoint_every == 0 or last):
             if rank == 0:
@@ -1127,14 +1226,19 @@ def train(
             if is_distributed():
                 # No rank runs ahead of (or reports past) a checkpoint that is not yet on disk.
                 dist.barrier()
-        if progress and rank == 0 and (state.step % config.log_every == 0 or last):
-            print(
-                f"step {stats.step}/{config.steps}  loss {stats.loss:.4g}  recon {stats.recon_loss:.4g}  "
-                f"l0 {stats.l0:.1f}  dead {stats.dead}  lambda {stats.coefficient:.3g}",
-                file=sys.stderr,
-            )
-        if callback is not None:
-            callback(stats)
+        for stats in steps:
+            if (
+                progress
+                and rank == 0
+                and (stats.step % config.log_every == 0 or (stats.step == state.step and last))
+            ):
+                print(
+                    f"step {stats.step}/{config.steps}  loss {stats.loss:.4g}  recon {stats.recon_loss:.4g}  "
+                    f"l0 {stats.l0:.1f}  dead {stats.dead}  lambda {stats.coefficient:.3g}",
+                    file=sys.stderr,
+                )
+            if callback is not None:
+                callback(stats)
         if stopping:
             break
 

@@ -14,7 +14,7 @@ import torch
 from atoms.aip import AIP
 from atoms.errors import BadInputError
 from atoms.kernels.sparse_triton import CapacityOverflowError
-from atoms.train import GraphedTrainStep, TrainConfig, TrainState, make_optimizer, train_step
+from atoms.train import GraphedTrainStep, TrainConfig, TrainState, make_optimizer, train, train_step
 from atoms.tsae import TSAE, ReLUSAE
 
 pytestmark = [
@@ -112,3 +112,17 @@ def test_overflow_raises_at_the_read_and_shapes_are_fixed():
     with pytest.raises(CapacityOverflowError, match=r"capacity of 1 a row in steps 1-2 .* capacity >= \d+"):
         step(batches[1])
     assert state.step == 2  # the steps were applied; the state says so
+
+
+def test_train_with_cuda_graph_follows_eager_training():
+    """`train` with TrainConfig(cuda_graph=True) on a CUDA model: the same per-step stats as the eager loop
+    to rounding, on the graph's replays (tests/test_train_graph_loop.py checks the loop itself on CPU)."""
+    data = torch.cat(_batches(4))
+    base = _model("tsae", data)
+    results = {}
+    for graph in (False, True):
+        cfg = _config(steps=STEPS, cuda_graph=graph, fit_input_scale=False)
+        results[graph] = train(copy.deepcopy(base), data, cfg, progress=False)
+    for name in ("loss", "l0", "coefficient"):
+        got, expected = getattr(results[True], name), getattr(results[False], name)
+        assert torch.allclose(got, expected, rtol=1e-4, atol=1e-6), name

@@ -41,6 +41,18 @@ def interpret(monkeypatch):
     monkeypatch.setenv("ATOMS_KERNELS", "interpret")
 
 
+def replay_uncaptured(patch: pytest.MonkeyPatch) -> None:
+    """GraphedTrainStep on CPU tensors: its recorded step run eagerly at each replay instead of a graph."""
+
+    def run_uncaptured(self):
+        for group in self.optimizer.param_groups:
+            group["capturable"] = False  # a CPU Adam cannot be capturable
+        return type("Eager", (), {"replay": staticmethod(self._record_step)})()
+
+    patch.setattr(train_module, "_check_capturable", lambda *args: None)
+    patch.setattr(GraphedTrainStep, "_capture", run_uncaptured)
+
+
 def _model() -> TSAE:
     # Thresholds at which rows select 15-30 of the 64 latents: the capacity formula lands inside its clamps.
     return TSAE(D, N_ATOMS, threshold_init=0.4, bandwidth=0.05, seed=3)
@@ -184,14 +196,7 @@ def test_graphed_step_uncaptured_equals_train_step(interpret, monkeypatch):
     """GraphedTrainStep's recorded step (device ramps, device controller, counters, stats rows, read), run
     eagerly through the interpreter instead of replayed from a graph (no CUDA here): the same stats, state
     and parameters as train_step, bit for bit. The capture itself is checked by tests/test_graphed_step.py."""
-
-    def run_uncaptured(self):
-        for group in self.optimizer.param_groups:
-            group["capturable"] = False  # a CPU Adam cannot be capturable
-        return type("Eager", (), {"replay": staticmethod(self._record_step)})()
-
-    monkeypatch.setattr(train_module, "_check_capturable", lambda *args: None)
-    monkeypatch.setattr(GraphedTrainStep, "_capture", run_uncaptured)
+    replay_uncaptured(monkeypatch)
     batches = [_batch(seed) for seed in range(7)]
     cfg = TrainConfig(
         **{**CONFIG, "lr_warmup_steps": 3, "sparsity_warmup_steps": 2},
