@@ -7,11 +7,15 @@ unless `load_model(..., allow_download=True)` asks for it.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
 import json
 import os
 import shutil
+import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -165,6 +169,23 @@ def _conversion_ok(folder: Path, stamp: dict[str, Any]) -> bool:
         return False
 
 
+@contextlib.contextmanager
+def _quiet_gguf_progress() -> Iterator[None]:
+    """Silence transformers' GGUF de-quantizing bar where stderr is no terminal: it calls tqdm directly (not
+    through the hub's progress-bar switch), and its carriage returns pile up into one unreadable log line."""
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    shown = getattr(gguf_utils, "tqdm", None)
+    if shown is None or sys.stderr.isatty():
+        yield
+        return
+    gguf_utils.tqdm = functools.partial(shown, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = shown
+
+
 def _converted_gguf(gguf: Path, folder: Path) -> Path:
     """A Hugging Face folder converted from `gguf`, built once in a temp dir and renamed into place."""
     stamp = {"gguf": gguf.name, "bytes": gguf.stat().st_size}
@@ -179,9 +200,10 @@ def _converted_gguf(gguf: Path, folder: Path) -> Path:
     tmp.chmod(0o755)  # mkdtemp makes it private; the cache is meant to be shared like any model download
     try:
         try:
-            model = AutoModelForCausalLM.from_pretrained(
-                gguf.parent, gguf_file=gguf.name, local_files_only=True
-            )
+            with _quiet_gguf_progress():
+                model = AutoModelForCausalLM.from_pretrained(
+                    gguf.parent, gguf_file=gguf.name, local_files_only=True
+                )
             tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
         except (ValueError, OSError, KeyError, RuntimeError) as err:
             raise BadInputError(

@@ -506,6 +506,21 @@ def test_load_model_missing_packages(monkeypatch, tmp_path):
         load_model("smollm2-135m", cache_dir=tmp_path)
 
 
+def test_gguf_conversion_bar_is_silent_off_a_terminal(capsys):
+    """transformers' de-quantizing bar calls tqdm directly: in a log its carriage returns make one line."""
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    from atoms.models import _quiet_gguf_progress
+
+    shown = gguf_utils.tqdm
+    with _quiet_gguf_progress():  # pytest captures stderr: not a terminal
+        assert list(gguf_utils.tqdm(range(3), desc="de-quantizing")) == [0, 1, 2]
+    assert gguf_utils.tqdm is shown
+    assert "de-quantizing" not in capsys.readouterr().err
+    list(gguf_utils.tqdm(range(3), desc="de-quantizing"))
+    assert "de-quantizing" in capsys.readouterr().err  # the check above can see a bar
+
+
 # ---------------------------------------------------------------------------------------------- real SmolLM2
 
 
