@@ -72,11 +72,15 @@ CHECKPOINT_VERSION = 1
 _RESUMABLE_CHANGES = ("steps", "checkpoint_every", "keep_checkpoints", "log_every", "cuda_graph")
 # StepStats fields that TrainResult returns as per-step tensors.
 _HISTORY = ("loss", "recon_loss", "sparsity_loss", "l0", "dead", "coefficient", "lr", "sparse")
-# The sparse path is chosen when the previous step's mean L0 is at most this fraction of n_atoms. Measured
-# at 4096 x 576 x 2304 fp32 on 2 cores (benchmarks/test_train_step.py, docs/benchmarks.md): the sparse step
-# took 75, 91 and 134 ms at L0 0.5%, 1% and 3%, about 63 ms plus 24 ms per percent, the dense one 266-292 ms
-# at any L0: they cross near 9%, extrapolated; 8% keeps a margin towards the dense side.
-SPARSE_MAX_DENSITY = 0.08
+# The sparse path is chosen when the previous step's mean L0 is at most this fraction of n_atoms, by the
+# device type the model's weights are on. CPU: measured at 4096 x 576 x 2304 fp32 on 2 cores
+# (benchmarks/test_train_step.py, docs/benchmarks.md) the sparse step took 57, 68, 104, 129, 191, 258 and
+# 337 ms at L0 0.5, 1, 3, 5, 8, 12 and 16%, the dense one 211-230 ms at every L0: they cross near 10%, and
+# 8% keeps a margin on the sparse side of it (1.1x there). CUDA: predicted, not yet measured
+# (kernels/NOTES.md, "Sparse training step"): at 4096 x 2304 x 16384 bf16 the sparse step costs a fixed
+# ~1.2 ms plus ~17 us per entry a row, the dense one 3.5-8.4 ms, so they cross at 135-420 entries a row,
+# 0.8-2.6% of n_atoms; 1.5% until a GPU run measures it. Other devices run the torch path, as the CPU does.
+SPARSE_MAX_DENSITY = {"cpu": 0.08, "cuda": 0.015}
 # The sparse step's next capacity is the last step's fullest row times this (`next_capacity`): the fullest
 # row's count moves little from one step to the next, and an overflow costs a redone loss and backward.
 CAPACITY_MARGIN = 1.25
@@ -414,13 +418,15 @@ def l0_control(l0: float, filtered: float | None, config: TrainConfig) -> tuple[
     return float(torch.exp(log_factor)), float(now)
 
 
-def use_sparse_path(config: TrainConfig, state: TrainState, n_atoms: int) -> bool:
-    """Whether the next step takes the sparse path: `config.sparse` when set, else whether the previous
-    step's mean L0 was at most SPARSE_MAX_DENSITY of n_atoms (the first step is dense: a fresh model's
-    thresholds let most latents fire). Under torchrun the L0 is the global batch's, so every rank agrees."""
+def use_sparse_path(config: TrainConfig, state: TrainState, n_atoms: int, device: torch.device) -> bool:
+    """Whether the next step on `device` takes the sparse path: `config.sparse` when set, else whether the
+    previous step's mean L0 was at most SPARSE_MAX_DENSITY[device type] of n_atoms (the CPU's figure for
+    other devices; the first step is dense: a fresh model's thresholds let most latents fire). Under
+    torchrun the L0 is the global batch's, so every rank agrees."""
     if config.sparse is not None:
         return config.sparse
-    return state.l0 is not None and state.l0 <= SPARSE_MAX_DENSITY * n_atoms
+    max_density = SPARSE_MAX_DENSITY.get(device.type, SPARSE_MAX_DENSITY["cpu"])
+    return state.l0 is not None and state.l0 <= max_density * n_atoms
 
 
 class _ReadBack(NamedTuple):
@@ -495,7 +501,7 @@ def train_step(
         group["lr"] = lr
     coefficient = state.coefficient * _ramp(state.step, cfg.sparsity_warmup_steps)
 
-    sparse = use_sparse_path(cfg, state, sae.n_atoms)
+    sparse = use_sparse_path(cfg, state, sae.n_atoms, sae.W_enc.device)
     out, read = _loss_and_backward(sae, optimizer, batch, coefficient, sparse, state.capacity, scaled)
     if read.dropped:
         # Some row selected more entries than the capacity: these gradients miss them. Redo the step sized

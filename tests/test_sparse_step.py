@@ -249,13 +249,15 @@ def test_the_trainer_chooses_the_path_from_the_previous_l0():
     x = torch.randn(256, 6, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     config = TrainConfig(batch_size=64, steps=3, lr_warmup_steps=0, sparsity_warmup_steps=0)
     state = TrainState.start(model, config)
-    assert not use_sparse_path(config, state, 40)  # no L0 measured yet
-    state.l0 = SPARSE_MAX_DENSITY * 40
-    assert use_sparse_path(config, state, 40)
-    state.l0 = SPARSE_MAX_DENSITY * 40 + 0.1
-    assert not use_sparse_path(config, state, 40)
+    cpu = torch.device("cpu")
+    assert not use_sparse_path(config, state, 40, cpu)  # no L0 measured yet
+    for device in ("cpu", "cuda"):
+        state.l0 = SPARSE_MAX_DENSITY[device] * 40
+        assert use_sparse_path(config, state, 40, torch.device(device))
+        state.l0 = SPARSE_MAX_DENSITY[device] * 40 + 0.1
+        assert not use_sparse_path(config, state, 40, torch.device(device))
     forced = TrainConfig(sparse=True)
-    assert use_sparse_path(forced, TrainState.start(model, forced), 40)
+    assert use_sparse_path(forced, TrainState.start(model, forced), 40, cpu)
 
     with torch.no_grad():
         model.threshold.fill_(10.0)  # nothing fires: L0 = 0 after the first, dense step
