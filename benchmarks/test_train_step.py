@@ -12,7 +12,8 @@ inputs and weights:
   L0 with straight-through rectangle pseudo-gradients, Adam, decoder rows renormalised;
 - compiled: `torch.compile` of plain's forward and loss (the optimizer step stays eager);
 - dense / sparse: `atoms.train.train_step` on an `atoms.TSAE` (no AIP: the same Euclidean inputs as the
-  others) with the path forced; the trainer chooses sparse itself when L0 <= SPARSE_MAX_DENSITY n_atoms.
+  others) with the path forced; the trainer chooses sparse itself when L0 <= SPARSE_MAX_DENSITY[device]
+  n_atoms.
 
 Sparsity: theta is set per latent at the quantile of its pre-activations that leaves 0.5%, 1% or 3% of the
 batch active, the same theta for every variant. At 5%, 8%, 12% and 16% only our two paths run: where they
