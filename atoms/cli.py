@@ -56,6 +56,9 @@ def run(
     seed: int = typer.Option(0, help="Seed of the text split, the SAEs and every sample."),
     quick: bool = typer.Option(False, "--quick", help="A smaller preset (about 3 minutes on 2 CPU cores)."),
     sweep: bool = typer.Option(False, "--sweep", help="Add the capacity-vs-data grid (n_atoms x tokens)."),
+    sweep_steps: int = typer.Option(
+        None, help="Most optimizer steps per sweep cell (each stops earlier at its plateau); needs --sweep."
+    ),
     threads: int = typer.Option(None, help="torch threads (default: the preset's choice for this machine)."),
 ) -> None:
     """The paper's experiment end to end on a real model and Wikipedia text, with a report.
@@ -79,6 +82,7 @@ def run(
             seed=seed,
             quick=quick,
             sweep=sweep,
+            sweep_steps=sweep_steps,
             threads=threads,
             steps=steps,
             budget=budget,

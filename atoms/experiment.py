@@ -252,6 +252,8 @@ def _command(config: ExperimentConfig) -> str:
         parts += ["--budget", f"{config.budget_minutes:g}"]
     if config.sweep:
         parts.append("--sweep")
+        if config.sweep_steps != base.sweep_steps:
+            parts += ["--sweep-steps", str(config.sweep_steps)]
     return shlex.join(parts)
 
 
@@ -464,11 +466,16 @@ def command_config(
     seed: int = 0,
     quick: bool = False,
     sweep: bool = False,
+    sweep_steps: int | None = None,
     threads: int | None = None,
     steps: int | None = None,
     budget: float | None = None,
 ) -> ExperimentConfig:
     """The ExperimentConfig of `atoms run`'s flags (see `run_command`)."""
+    if sweep_steps is not None and not sweep:
+        raise BadInputError(
+            f"sweep_steps={sweep_steps} was given without the sweep; add --sweep, or drop --sweep-steps."
+        )
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     overrides: dict[str, Any] = {
@@ -492,6 +499,8 @@ def command_config(
         overrides["steps"] = steps
     if budget is not None:
         overrides["budget_minutes"] = budget
+    if sweep_steps is not None:
+        overrides["sweep_steps"] = sweep_steps
     if quick:
         return ExperimentConfig.quick(**overrides)
     if torch.device(device).type == "cuda":
@@ -505,7 +514,8 @@ def run_command(progress: bool = True, **flags: Any) -> dict[str, Any]:
     flags (all optional, see `command_config`): model; layers ("3,9,15" or a list); tokens (fit tokens per
     layer; the held-out tokens are a quarter of them, at least 512); n_atoms; text (text files replacing
     the Wikipedia sample); output; device; seed; quick (the `ExperimentConfig.quick()` preset, which the
-    other flags override); sweep; threads. Returns the results; the report lands in `output`.
+    other flags override); sweep; sweep_steps (most steps per sweep cell; needs sweep); threads. Returns the
+    results; the report lands in `output`.
     """
     from atoms.report import write_report
 

@@ -478,8 +478,12 @@ def jump_verdict(ev: JumpEvidence) -> ClaimVerdict:
     """The capacity-vs-data rule.
 
     Rows are the training-set sizes T; a row's critical n_atoms is bracketed by its cells (`_critical`).
-    - Any cell not converged, or a premise unmet -> inconclusive (a low R^2 before the plateau is no
-      evidence of a capacity limit).
+    - A premise unmet, or any cell not converged whose R^2 interval is not entirely at or above
+      JUMP_HIGH_MIN -> inconclusive (a low R^2 before the plateau is no evidence of a capacity limit, and
+      such a cell could still rise and move its row's critical n_atoms). An unconverged cell already past
+      JUMP_HIGH_MIN counts as past the jump: the claim asks whether that many atoms can fit the data, and
+      the fit it reached already shows that they can. A memorising cell's loss keeps falling
+      geometrically, so a relative plateau rule may never fire for it; the verdict names such cells.
     - fails if the brackets say the critical n_atoms shrinks with data (for T1 < T2 the bracket of T2 lies
       entirely at or below that of T1), or a row that reaches JUMP_SPAN_RATIO * T atoms has its largest cell
       entirely below JUMP_HIGH_MIN.
@@ -505,8 +509,14 @@ def jump_verdict(ev: JumpEvidence) -> ClaimVerdict:
     )
 
     def row(verdict: Verdict, why: str) -> ClaimVerdict:
+        still = "".join(
+            f"; cell {c.n_atoms} atoms / {c.tokens} tokens counts as past the jump unconverged (its whole "
+            f"interval is at or above {JUMP_HIGH_MIN:g})"
+            for c in ev.cells
+            if not c.converged and c.r2.low >= JUMP_HIGH_MIN
+        )
         return ClaimVerdict(
-            claim.name, verdict, f"{why}. Grid: {summary}", claim.paper(), None, dict(ev.conditions)
+            claim.name, verdict, f"{why}{still}. Grid: {summary}", claim.paper(), None, dict(ev.conditions)
         )
 
     problems = [f"premise unmet: {p.name} ({p.detail})" for p in ev.premises if not p.met]
@@ -514,7 +524,7 @@ def jump_verdict(ev: JumpEvidence) -> ClaimVerdict:
         f"cell {c.n_atoms} atoms / {c.tokens} tokens not converged: "
         f"{c.convergence_reason or 'no reason recorded'}"
         for c in ev.cells
-        if not c.converged
+        if not c.converged and c.r2.low < JUMP_HIGH_MIN
     ]
     if problems:
         return row(Verdict.INCONCLUSIVE, "; ".join(problems))

@@ -188,6 +188,7 @@ def test_results_hold_meta_model_text_and_every_layer(run):
     meta = results["meta"]
     assert meta["seed"] == 0 and meta["config"]["layers"] == [1, 3]
     assert meta["command"].startswith("atoms run ") and "--layers 1,3" in meta["command"]
+    assert "--sweep --sweep-steps 20" in meta["command"]
     assert "torch" in meta["versions"] and "transformers" in meta["versions"]
     assert meta["wall_seconds"] > 0 and meta["cpu_seconds"] > 0 and meta["threads"] == 1
     assert len(meta["load_average_start"]) == 3
@@ -330,6 +331,9 @@ def test_command_flags_build_the_config():
     assert quick.preset == "quick" and quick.layers == (3,) and quick.steps == 800
     assert (quick.n_atoms, quick.seed, quick.sweep) == (64, 3, True)
     assert command_config(tokens=40_000).heldout_tokens == 10_000
+    assert command_config(sweep=True, sweep_steps=3000).sweep_steps == 3000
+    with pytest.raises(BadInputError, match="without the sweep; add --sweep"):
+        command_config(sweep_steps=3000)
 
 
 def test_run_command_runs_and_writes_the_report(tiny, tmp_path):

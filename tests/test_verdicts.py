@@ -210,6 +210,25 @@ def test_jump_inconclusive_not_converged():
     )
 
 
+def test_jump_unconverged_cell_past_the_jump_counts():
+    # A memorising cell whose loss still falls, but whose whole interval is already >= JUMP_HIGH_MIN.
+    fitting = cells(2048, [0.70, 0.75, 0.99, 0.999])
+    fitting[2] = GridCell(2304, 2048, iv(0.99, 0.985, 0.995), False, "loss still falling")
+    row = jump_verdict(JumpEvidence(tuple(fitting + cells(32768, [0.60, 0.65, 0.70, 0.75])), CONDITIONS))
+    assert row.verdict is Verdict.HOLDS
+    assert "cell 2304 atoms / 2048 tokens counts as past the jump unconverged" in row.reason
+
+
+def test_jump_unconverged_cell_straddling_high_threshold_is_inconclusive():
+    # The same cell with its interval reaching under JUMP_HIGH_MIN could still move the critical n_atoms.
+    low = JUMP_HIGH_MIN - 0.001
+    fitting = cells(2048, [0.70, 0.75, 0.99, 0.999])
+    fitting[2] = GridCell(2304, 2048, iv(low + 0.002, low, low + 0.004), False, "loss still falling")
+    row = jump_verdict(JumpEvidence(tuple(fitting + cells(32768, [0.60, 0.65, 0.70, 0.75])), CONDITIONS))
+    assert row.verdict is Verdict.INCONCLUSIVE
+    assert "cell 2304 atoms / 2048 tokens not converged: loss still falling" in row.reason
+
+
 def test_jump_high_threshold_is_used():
     # Moving the past-jump cells just under JUMP_HIGH_MIN removes the jump: no longer holds.
     r = JUMP_HIGH_MIN - 0.01
