@@ -32,6 +32,7 @@ from atoms.report import (
     phase_sentences,
     summary_lines,
     summary_table,
+    sweep_sentences,
     to_markdown,
     training_sentences,
     verdict_lines,
@@ -472,3 +473,21 @@ def test_training_sentence_only_when_the_curve_alternates_between_odd_and_even_s
     assert "l0: odd steps at" in sentences[0] and "reconstruction loss" not in sentences[0]
     md = to_markdown(blocks(_with_curve(results, alternating, steps)))
     assert sentences[0] in md
+
+
+def test_sweep_sentence_says_whether_the_grid_tests_the_jump():
+    def cell(r2, converged):
+        return {
+            "multiple": 1,
+            "tokens": 2048,
+            "r2_train_aip": r2,
+            "r2_heldout_aip": 0.5,
+            "converged": converged,
+        }
+
+    def first(cells):
+        return sweep_sentences({"steps": 12_000, "cells": cells})[0]
+
+    assert "come near 1, as the paper reports" in first([cell(0.97, False), cell(0.7, True)])
+    assert "1 of 2 cells stopped unconverged at 12000 steps" in first([cell(0.8, False), cell(0.7, True)])
+    assert "with every cell converged: the grid does not show" in first([cell(0.8, True), cell(0.7, True)])

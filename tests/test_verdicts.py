@@ -195,6 +195,23 @@ def test_jump_fails_when_critical_shrinks_with_data():
     )
 
 
+def test_jump_fails_when_r2_climbs_gradually():
+    # Two cells wholly between JUMP_LOW_MAX and JUMP_HIGH_MIN before the critical one: a climb, not a jump.
+    grid = cells(2048, [0.70, 0.87, 0.93, 0.99]) + cells(32768, [0.60, 0.65, 0.70, 0.75])
+    row = jump_verdict(JumpEvidence(tuple(grid), CONDITIONS))
+    assert row.verdict is Verdict.FAILS
+    assert "at T = 2048, R^2 climbs gradually to the critical n_atoms in (2304, 4608]" in row.reason
+    assert "0.870 at 1152, 0.930 at 2304 lie wholly between 0.8 and 0.95" in row.reason
+
+
+def test_jump_one_cell_between_is_neither_jump_nor_climb():
+    # One cell between the two levels: a sharp jump may fall between grid points, so no verdict either way.
+    grid = cells(2048, [0.70, 0.75, 0.90, 0.99]) + cells(32768, [0.60, 0.65, 0.70, 0.75])
+    row = jump_verdict(JumpEvidence(tuple(grid), CONDITIONS))
+    assert row.verdict is Verdict.INCONCLUSIVE
+    assert "no row rises from a cell under R^2 0.8 straight to a run of cells at or above 0.95" in row.reason
+
+
 def test_jump_inconclusive_when_grid_does_not_reach():
     row = jump_verdict(JumpEvidence(tuple(cells(32768, [0.60, 0.65, 0.70, 0.75])), CONDITIONS))
     assert row.verdict is Verdict.INCONCLUSIVE
