@@ -31,6 +31,7 @@ __all__ = [
     "shift_sentences",
     "summary_lines",
     "summary_table",
+    "sweep_rows",
     "sweep_sentences",
     "to_html",
     "to_markdown",
@@ -388,29 +389,36 @@ def _timing_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     return ["stage", "seconds"], rows
 
 
-def _sweep_table(sweep: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+def sweep_rows(sweep: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """The capacity-vs-data grid as (headers, rows), one row per cell: the R^2 on its own training vectors
+    with the 95% interval the jump rule reads, on held-out tokens, l0, q*, and how its training ended."""
     headers = [
         "atoms",
         "training tokens",
-        "R^2 train (Euclidean)",
+        "R^2 train (Euclidean, 95%)",
         "R^2 train (AIP)",
         "R^2 held-out (Euclidean)",
         "R^2 held-out (AIP)",
         "l0",
         "q* (quantile)",
         "q* (per-sample)",
+        "steps",
+        "converged",
     ]
     rows = [
         [
             f"{c['multiple']}d = {c['n_atoms']}",
             str(c["tokens"]),
-            pct(c["r2_train_euclidean"]),
+            f"{pct(c['r2_train_euclidean'])} [{pct(c['r2_train_interval'][0])}, "
+            f"{pct(c['r2_train_interval'][1])}]",
             pct(c["r2_train_aip"]),
             pct(c["r2_heldout_euclidean"]),
             pct(c["r2_heldout_aip"]),
             num(c["l0"], 1),
             pct(c["q_star_quantile"]),
             pct(c["q_star_per_sample"]),
+            f"{c['steps']:,}",
+            "yes" if c["converged"] else "no",
         ]
         for c in sweep["cells"]
     ]
@@ -1059,9 +1067,11 @@ def blocks(results: dict[str, Any]) -> list[Block]:
                 "p",
                 f"SPEC theorem 5: R^2 should stay near 0.6-0.8 until the number of atoms matches the data, "
                 f"then jump to about 1. TSAEs of m d atoms on random subsets of the fit tokens of layer "
-                f"{sweep['layer']}, each trained for {sweep['steps']} steps of {sweep['batch_size']}.",
+                f"{sweep['layer']}, each trained in batches of {sweep['batch_size']} until the plateau rule "
+                f"holds on its own vectors, for at most {sweep['steps']:,} steps. The verdict table's "
+                "capacity_jump row reads the Euclidean R^2 intervals by atoms.verdicts.jump_verdict.",
             ),
-            Block("table", _sweep_table(sweep)),
+            Block("table", sweep_rows(sweep)),
             Block("list", sweep_sentences(sweep)),
             Block("figure", ("sweep", "R^2 and q* over the grid.")),
         ]

@@ -7,8 +7,9 @@ Prints, each as a Markdown table and separated by a blank line: the verdict tabl
 description, the paper's value, ours with its 95% interval, conditions, verdict, reason; the cells the
 report uses, from `atoms.report.verdict_rows`), then the headline table (means over layers beside the
 paper's values) and the basis-pursuit table (per layer and dictionary: l0, spark-certified fraction, proven
-recovery with its Wilson 95% interval, flagged, failed, seconds). A results.json without verdicts (from
-before the verdict table) prints the other two alone.
+recovery with its Wilson 95% interval, flagged, failed, seconds), and last, for a run with `--sweep`, the
+capacity-vs-data grid (`atoms.report.sweep_rows`). A results.json without verdicts (from before the verdict
+table) prints the others alone.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import json
 import sys
 from pathlib import Path
 
-from atoms.report import verdict_rows
+from atoms.report import sweep_rows, verdict_rows
 
 NAMES = {"neurons": "neurons", "features": "features (ReLU SAE)", "atoms": "atoms (TSAE)"}
 HEADLINE_NAMES = {"atoms": "atoms (TSAE, AIP)", "neurons": "neurons", "features": "features (ReLU SAE)"}
@@ -97,6 +98,8 @@ def main(path: str) -> None:
     tables = [headline(results), basis_pursuit(results)]
     if "verdicts" in results:
         tables.insert(0, verdicts(results))
+    if results.get("sweep"):
+        tables.append(markdown(*sweep_rows(results["sweep"])))
     print("\n\n".join("\n".join(table) for table in tables))
 
 

@@ -249,8 +249,12 @@ def test_shift_theory_window_and_sweep_tables_match_results(report):
     assert len(rows) == len(results["sweep"]["cells"])
     for row, cell in zip(rows, results["sweep"]["cells"], strict=True):
         assert row[0] == f"{cell['multiple']}d = {cell['n_atoms']}" and int(row[1]) == cell["tokens"]
-        assert close_pct(row[2], cell["r2_train_euclidean"]) and close_pct(row[5], cell["r2_heldout_aip"])
-        assert close_pct(row[7], cell["q_star_quantile"])
+        estimate, interval = row[2].split(" [")
+        low, high = interval.rstrip("]").split(", ")
+        assert close_pct(estimate, cell["r2_train_euclidean"]) and close_pct(row[5], cell["r2_heldout_aip"])
+        assert close_pct(low, cell["r2_train_interval"][0]) and close_pct(high, cell["r2_train_interval"][1])
+        assert close_pct(row[7], cell["q_star_quantile"]) and int(row[9].replace(",", "")) == cell["steps"]
+        assert row[10] == ("yes" if cell["converged"] else "no")
 
 
 def test_timing_and_cards_match_results(report):
