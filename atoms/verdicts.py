@@ -492,16 +492,19 @@ def jump_verdict(ev: JumpEvidence) -> ClaimVerdict:
     """The capacity-vs-data rule.
 
     Rows are the training-set sizes T; a row's critical n_atoms is bracketed by its cells (`_critical`).
-    - A premise unmet, or any cell not converged whose R^2 interval is not entirely at or above
-      JUMP_HIGH_MIN -> inconclusive (a low R^2 before the plateau is no evidence of a capacity limit, and
-      such a cell could still rise and move its row's critical n_atoms). An unconverged cell already past
-      JUMP_HIGH_MIN counts as past the jump: the claim asks whether that many atoms can fit the data, and
-      the fit it reached already shows that they can. A memorising cell's loss keeps falling
-      geometrically, so a relative plateau rule may never fire for it; the verdict names such cells.
-    - fails if the brackets say the critical n_atoms shrinks with data (for T1 < T2 the bracket of T2 lies
-      entirely at or below that of T1), or a row that reaches JUMP_SPAN_RATIO * T atoms has its largest cell
-      entirely below JUMP_HIGH_MIN, or a row reaches its critical n_atoms gradually (JUMP_GRADUAL_CELLS or
-      more cells wholly between JUMP_LOW_MAX and JUMP_HIGH_MIN before it: R^2 climbs, it does not jump).
+    A row is settled when each of its cells converged or has its whole R^2 interval at or above
+    JUMP_HIGH_MIN. An unconverged cell still under it is no evidence (it could still rise and move its row's
+    critical n_atoms); an unconverged cell past it counts as past the jump, because the claim asks whether
+    that many atoms can fit the data and the fit it reached already shows that they can (a memorising
+    cell's loss keeps falling geometrically, so a relative plateau rule may never fire for it). The verdict
+    names such cells.
+    - A premise unmet -> inconclusive.
+    - fails if, among settled rows, the brackets say the critical n_atoms shrinks with data (for T1 < T2 the
+      bracket of T2 lies entirely at or below that of T1), or a row that reaches JUMP_SPAN_RATIO * T atoms
+      has its largest cell entirely below JUMP_HIGH_MIN, or a row reaches its critical n_atoms gradually
+      (JUMP_GRADUAL_CELLS or more cells wholly between JUMP_LOW_MAX and JUMP_HIGH_MIN before it: R^2
+      climbs, it does not jump). Rows not settled cannot undo these, and the verdict names them.
+    - inconclusive if some row is not settled.
     - holds if some row shows a jump (`_critical`) and some pair T1 < T2 shows the critical n_atoms grow
       (T2's bracket at or above T1's).
     - inconclusive otherwise, naming what the grid lacks.
@@ -534,23 +537,24 @@ def jump_verdict(ev: JumpEvidence) -> ClaimVerdict:
             claim.name, verdict, f"{why}{still}. Grid: {summary}", claim.paper(), None, dict(ev.conditions)
         )
 
-    problems = [f"premise unmet: {p.name} ({p.detail})" for p in ev.premises if not p.met]
-    problems += [
+    unmet = [f"premise unmet: {p.name} ({p.detail})" for p in ev.premises if not p.met]
+    if unmet:
+        return row(Verdict.INCONCLUSIVE, "; ".join(unmet))
+    unsettled = [
         f"cell {c.n_atoms} atoms / {c.tokens} tokens not converged: "
         f"{c.convergence_reason or 'no reason recorded'}"
         for c in ev.cells
         if not c.converged and c.r2.low < JUMP_HIGH_MIN
     ]
-    if problems:
-        return row(Verdict.INCONCLUSIVE, "; ".join(problems))
-    pairs = [(a, b) for i, a in enumerate(tokens) for b in tokens[i + 1 :]]
+    settled = [t for t in tokens if all(c.converged or c.r2.low >= JUMP_HIGH_MIN for c in rows[t])]
+    pairs = [(a, b) for i, a in enumerate(settled) for b in settled[i + 1 :]]
     shrinks = [(a, b) for a, b in pairs if crit[b][0][1] <= crit[a][0][0]]
     unfit = [
         t
-        for t in tokens
+        for t in settled
         if rows[t][-1].n_atoms >= JUMP_SPAN_RATIO * t and rows[t][-1].r2.high < JUMP_HIGH_MIN
     ]
-    gradual = {t: _between(rows[t]) for t in tokens if not math.isinf(crit[t][0][1])}
+    gradual = {t: _between(rows[t]) for t in settled if not math.isinf(crit[t][0][1])}
     gradual = {t: cs for t, cs in gradual.items() if len(cs) >= JUMP_GRADUAL_CELLS}
     if shrinks or unfit or gradual:
         why = (
@@ -571,7 +575,11 @@ def jump_verdict(ev: JumpEvidence) -> ClaimVerdict:
                 for t, cs in gradual.items()
             ]
         )
+        if unsettled:
+            why.append("other rows are not settled, which cannot undo this (" + "; ".join(unsettled) + ")")
         return row(Verdict.FAILS, "; ".join(why))
+    if unsettled:
+        return row(Verdict.INCONCLUSIVE, "; ".join(unsettled))
     jumps = [t for t in tokens if crit[t][1]]
     grows = [(a, b) for a, b in pairs if crit[b][0][0] >= crit[a][0][1]]
     if jumps and grows:

@@ -204,6 +204,19 @@ def test_jump_fails_when_r2_climbs_gradually():
     assert "0.870 at 1152, 0.930 at 2304 lie wholly between 0.8 and 0.95" in row.reason
 
 
+def test_jump_failure_of_a_settled_row_stands_beside_an_unconverged_row():
+    # T = 4096 climbs gradually with every cell converged; T = 2048 has a cell still training under 0.95.
+    still = cells(2048, [0.80, 0.94, 0.99, 0.99])
+    still[1] = GridCell(1152, 2048, iv(0.94, 0.935, 0.945), False, "loss still falling")
+    grid = still + cells(4096, [0.70, 0.87, 0.93, 0.99])
+    row = jump_verdict(JumpEvidence(tuple(grid), CONDITIONS))
+    assert row.verdict is Verdict.FAILS and "at T = 4096, R^2 climbs gradually" in row.reason
+    assert "other rows are not settled, which cannot undo this (cell 1152 atoms / 2048 tokens" in row.reason
+    # Converged in the same place, the unconverged row alone would leave the claim undecided.
+    alone = jump_verdict(JumpEvidence(tuple(still + cells(32768, [0.6, 0.65, 0.7, 0.75])), CONDITIONS))
+    assert alone.verdict is Verdict.INCONCLUSIVE and "not converged: loss still falling" in alone.reason
+
+
 def test_jump_one_cell_between_is_neither_jump_nor_climb():
     # One cell between the two levels: a sharp jump may fall between grid points, so no verdict either way.
     grid = cells(2048, [0.70, 0.75, 0.90, 0.99]) + cells(32768, [0.60, 0.65, 0.70, 0.75])
