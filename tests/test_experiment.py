@@ -491,8 +491,8 @@ def test_choose_latents_and_card_errors():
 def test_readme_tables_print_from_results_json(run, tmp_path):
     """docs/readme_tables.py turns a run's results.json into README's main-job tables: the verdict table
     first (one row per claim, the report's cells), then one row per dictionary (and per layer), with the
-    numbers of the run; the neurons' certified cells say they are a basis. Without verdicts (a results.json
-    from before them) it prints the other two tables."""
+    numbers of the run; the neurons' certified cells say they are a basis; last, one row per sweep cell.
+    Without verdicts (a results.json from before them) or a sweep it prints the others."""
     _, results = run
     script = Path(__file__).resolve().parents[1] / "docs" / "readme_tables.py"
 
@@ -504,7 +504,7 @@ def test_readme_tables_print_from_results_json(run, tmp_path):
         ).stdout
         return out.strip().split("\n\n")
 
-    verdicts, headline, bp = tables(results)
+    verdicts, headline, bp, grid = tables(results)
     assert len(verdicts.splitlines()) == 2 + len(results["verdicts"])
     first = results["verdicts"][0]
     assert first["description"].replace("|", "\\|") in verdicts.splitlines()[2]
@@ -514,4 +514,6 @@ def test_readme_tables_print_from_results_json(run, tmp_path):
     atoms_r2 = f"{100 * results['summary']['atoms']['r2_euclidean']:.1f}%"
     assert atoms_r2 in headline.splitlines()[2]
     assert [line for line in bp.splitlines() if "| neurons |" in line and "basis (trivially unique)" in line]
-    assert len(tables({k: v for k, v in results.items() if k != "verdicts"})) == 2
+    assert len(grid.splitlines()) == 2 + len(results["sweep"]["cells"]) and "| converged |" in grid
+    assert len(tables({k: v for k, v in results.items() if k != "verdicts"})) == 3
+    assert len(tables({k: v for k, v in results.items() if k not in ("verdicts", "sweep")})) == 2
