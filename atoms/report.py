@@ -467,7 +467,10 @@ def sweep_sentences(sweep: dict[str, Any]) -> list[str]:
     where = f"{best['multiple']}d atoms on {best['tokens']} tokens"
     unconverged = sum(not c["converged"] for c in cells)
     if best["r2_train_aip"] >= 0.95:
-        verdict = "cells with enough atoms for their data come near 1, as the paper reports"
+        verdict = (
+            "cells with enough atoms for their data come near 1, as the paper reports; whether they get "
+            "there by a jump is the verdict table's capacity_jump row"
+        )
     elif unconverged:
         verdict = (
             f"no cell comes near 1, but {unconverged} of {len(cells)} cells stopped unconverged at "

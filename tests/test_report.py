@@ -492,6 +492,8 @@ def test_sweep_sentence_says_whether_the_grid_tests_the_jump():
     def first(cells):
         return sweep_sentences({"steps": 12_000, "cells": cells})[0]
 
-    assert "come near 1, as the paper reports" in first([cell(0.97, False), cell(0.7, True)])
+    assert "come near 1, as the paper reports; whether they get there by a jump" in first(
+        [cell(0.97, False), cell(0.7, True)]
+    )
     assert "1 of 2 cells stopped unconverged at 12000 steps" in first([cell(0.8, False), cell(0.7, True)])
     assert "with every cell converged: the grid does not show" in first([cell(0.8, True), cell(0.7, True)])
