@@ -761,27 +761,33 @@ def _sweep_figure(sweep: dict[str, Any]) -> bytes:
     multiples = sorted({c["multiple"] for c in sweep["cells"]})
     tokens = sorted({c["tokens"] for c in sweep["cells"]})
     cell = {(c["multiple"], c["tokens"]): c for c in sweep["cells"]}
+    # The first panel is the one the jump rule reads; colours span 0-100% and the printed number is exact
+    # (a negative held-out R^2 keeps its number and the colour bar's arrow shows that values lie below 0).
     panels = (
+        ("r2_train_euclidean", "R^2 on training tokens (Euclidean, the jump rule's)"),
         ("r2_train_aip", "R^2 on training tokens (AIP)"),
         ("r2_heldout_aip", "R^2 on held-out tokens (AIP)"),
         ("q_star_quantile", "q* (quantile)"),
     )
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(17, 3.4), squeeze=False)
     for ax, (metric, title) in zip(axes[0], panels, strict=True):
-        grid = [[cell[(m, t)][metric] if (m, t) in cell else float("nan") for m in multiples] for t in tokens]
-        im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", origin="lower", aspect="auto")
+        grid = [
+            [100 * cell[(m, t)][metric] if (m, t) in cell else float("nan") for m in multiples]
+            for t in tokens
+        ]
+        im = ax.imshow(grid, vmin=0, vmax=100, cmap="viridis", origin="lower", aspect="auto")
         for i in range(len(tokens)):
             for j in range(len(multiples)):
                 if not math.isnan(grid[i][j]):
-                    ax.text(
-                        j, i, f"{100 * grid[i][j]:.0f}", ha="center", va="center", color="white", fontsize=8
-                    )
+                    # viridis is light at the top: dark text there stays readable.
+                    color = "black" if grid[i][j] > 60 else "white"
+                    ax.text(j, i, f"{grid[i][j]:.0f}", ha="center", va="center", color=color, fontsize=8)
         ax.set_xticks(range(len(multiples)), [f"{m}d" for m in multiples])
         ax.set_yticks(range(len(tokens)), [str(t) for t in tokens])
         ax.set_xlabel("atoms")
         ax.set_ylabel("training tokens")
         ax.set_title(title, fontsize=10)
-        fig.colorbar(im, ax=ax, fraction=0.046)
+        fig.colorbar(im, ax=ax, fraction=0.046, extend="min", label="%")
     fig.suptitle(f"Capacity against data, layer {sweep['layer']} (values in %)", fontsize=11)
     fig.tight_layout()
     return _png(fig)
