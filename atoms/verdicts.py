@@ -473,11 +473,16 @@ def _critical(row: list[GridCell]) -> tuple[Bracket, bool]:
     return (lower, float(row[first].n_atoms)), jump
 
 
-def _between(row: list[GridCell]) -> list[GridCell]:
-    """The cells of a row, before its critical one, whose whole interval lies in [JUMP_LOW_MAX,
+def _between(row: list[GridCell], critical: float) -> list[GridCell]:
+    """The cells of a row below its critical n_atoms whose whole interval lies in [JUMP_LOW_MAX,
     JUMP_HIGH_MIN): neither "near 0.6-0.8" nor "about 1"."""
-    (_, upper), _ = _critical(row)
-    return [c for c in row if c.n_atoms < upper and c.r2.low >= JUMP_LOW_MAX and c.r2.high < JUMP_HIGH_MIN]
+    return [c for c in row if c.n_atoms < critical and c.r2.low >= JUMP_LOW_MAX and c.r2.high < JUMP_HIGH_MIN]
+
+
+def _settled(cell: GridCell) -> bool:
+    """Converged, or already past the jump (its whole interval at or above JUMP_HIGH_MIN): more training
+    cannot move the row's critical n_atoms through this cell (`jump_verdict`)."""
+    return cell.converged or cell.r2.low >= JUMP_HIGH_MIN
 
 
 def _bracket_text(b: Bracket) -> str:
@@ -531,7 +536,7 @@ def jump_verdict(ev: JumpEvidence) -> ClaimVerdict:
             f"; cell {c.n_atoms} atoms / {c.tokens} tokens counts as past the jump unconverged (its whole "
             f"interval is at or above {JUMP_HIGH_MIN:g})"
             for c in ev.cells
-            if not c.converged and c.r2.low >= JUMP_HIGH_MIN
+            if not c.converged and _settled(c)
         )
         return ClaimVerdict(
             claim.name, verdict, f"{why}{still}. Grid: {summary}", claim.paper(), None, dict(ev.conditions)
@@ -544,9 +549,9 @@ def jump_verdict(ev: JumpEvidence) -> ClaimVerdict:
         f"cell {c.n_atoms} atoms / {c.tokens} tokens not converged: "
         f"{c.convergence_reason or 'no reason recorded'}"
         for c in ev.cells
-        if not c.converged and c.r2.low < JUMP_HIGH_MIN
+        if not _settled(c)
     ]
-    settled = [t for t in tokens if all(c.converged or c.r2.low >= JUMP_HIGH_MIN for c in rows[t])]
+    settled = [t for t in tokens if all(map(_settled, rows[t]))]
     pairs = [(a, b) for i, a in enumerate(settled) for b in settled[i + 1 :]]
     shrinks = [(a, b) for a, b in pairs if crit[b][0][1] <= crit[a][0][0]]
     unfit = [
@@ -554,7 +559,7 @@ def jump_verdict(ev: JumpEvidence) -> ClaimVerdict:
         for t in settled
         if rows[t][-1].n_atoms >= JUMP_SPAN_RATIO * t and rows[t][-1].r2.high < JUMP_HIGH_MIN
     ]
-    gradual = {t: _between(rows[t]) for t in settled if not math.isinf(crit[t][0][1])}
+    gradual = {t: _between(rows[t], crit[t][0][1]) for t in settled if not math.isinf(crit[t][0][1])}
     gradual = {t: cs for t, cs in gradual.items() if len(cs) >= JUMP_GRADUAL_CELLS}
     if shrinks or unfit or gradual:
         why = (
